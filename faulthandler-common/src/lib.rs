@@ -1,0 +1,201 @@
+//! The one definition of every type that crosses the kernel↔user boundary.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding fields, so the eBPF
+//! object and the loader can never disagree on a layout; the size asserts at
+//! the bottom fail the build if a field is added without thinking about it.
+#![no_std]
+
+/// Largest user-stack copy one signal event can carry. The ring-buffer
+/// reservation has to be a verifier-visible constant, so this is the upper
+/// bound; `Config::stack_size` picks how much of it is actually copied.
+pub const STACK_MAX: usize = 64 * 1024;
+/// Default number of stack bytes copied from SP (`--stack-size`).
+pub const STACK_DEFAULT: u32 = 32 * 1024;
+/// Frame-pointer chain depth from `bpf_get_stack`.
+pub const FP_MAX: usize = 64;
+/// Mappings resolved in the kernel at signal time (see `Vma`).
+pub const VMA_MAX: usize = 24;
+/// Bytes of the mapped file's dentry name kept per `Vma`.
+pub const VMA_NAME_LEN: usize = 64;
+/// `TASK_COMM_LEN`.
+pub const COMM_LEN: usize = 16;
+/// Maximum number of processes in the watch map.
+pub const WATCH_MAX: u32 = 16384;
+
+/// Every record in the ring buffer starts with this header; `len` is the
+/// number of meaningful bytes including the header, so the decoder can
+/// reject short or truncated records before it casts anything.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u32,
+    pub len: u32,
+}
+
+pub const EVENT_SIGNAL: u32 = 1;
+pub const EVENT_EXEC: u32 = 2;
+pub const EVENT_MMAP: u32 = 3;
+pub const EVENT_FORK: u32 = 4;
+pub const EVENT_EXIT: u32 = 5;
+
+/// `SignalEvent::flags` bits.
+pub const SIG_F_HAS_INFO: u32 = 1 << 0;
+pub const SIG_F_HAS_REGS: u32 = 1 << 1;
+
+/// A file-backed mapping the faulting thread's stack or IP points into,
+/// resolved with `bpf_find_vma` while the process still exists. Userspace
+/// prefers the mappings it read from /proc ahead of time; these cover the
+/// window where the process died before that read happened.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// `vm_pgoff << PAGE_SHIFT`: file offset of `start`.
+    pub file_offset: u64,
+    pub ino: u64,
+    pub dev: u32,
+    /// Low 32 bits of `vm_flags` (VM_READ=1, VM_WRITE=2, VM_EXEC=4).
+    pub vm_flags: u32,
+    pub name: [u8; VMA_NAME_LEN],
+}
+
+/// A user thread received a signal in the watched set.
+///
+/// The ring-buffer record is a `SignalRecord`: this struct followed by
+/// `stack_len` bytes of user stack starting at `regs[REG_SP]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SignalEvent {
+    pub header: EventHeader,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at delivery.
+    pub ktime_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub ns_pid: u32,
+    pub ns_tid: u32,
+    pub sig: i32,
+    pub code: i32,
+    pub errno: i32,
+    /// `si_pid` for user-sent signals (`code <= 0`), else 0.
+    pub sender_pid: i32,
+    pub sender_uid: u32,
+    pub flags: u32,
+    /// `si_addr` for faults.
+    pub addr: u64,
+    /// `sa_handler` of the action in force (0 = SIG_DFL, 1 = SIG_IGN).
+    pub handler: u64,
+    /// Failed ring-buffer reservations seen before this record was written.
+    pub lost: u64,
+    /// The user `pt_regs` of the thread, as the kernel lays them out.
+    pub regs: [u64; PT_REGS_LEN],
+    pub comm: [u8; COMM_LEN],
+    pub fp_len: u32,
+    pub stack_len: u32,
+    /// Negative errno of the first failed stack-page read, 0 if none.
+    pub stack_err: i32,
+    pub nvmas: u32,
+    pub fp: [u64; FP_MAX],
+    pub vmas: [Vma; VMA_MAX],
+}
+
+/// The full reservation for one signal event.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SignalRecord {
+    pub event: SignalEvent,
+    pub stack: [u8; STACK_MAX],
+}
+
+/// x86_64 `struct pt_regs` is 21 u64s; indices below are its field order.
+pub const PT_REGS_LEN: usize = 21;
+pub const REG_BP: usize = 4;
+pub const REG_BX: usize = 5;
+pub const REG_IP: usize = 16;
+pub const REG_SP: usize = 19;
+
+/// Process-level events: exec, executable mmap, fork and exit of watched
+/// processes. Userspace refreshes its view of the process's mappings on
+/// exec/mmap so that symbols survive the process's death.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcEvent {
+    pub header: EventHeader,
+    pub ktime_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    /// Fork: the child's tgid. Exit: the exit code. Otherwise 0.
+    pub arg: u32,
+    pub _pad: u32,
+    /// Mmap: start address of the new mapping.
+    pub addr: u64,
+}
+
+/// `Config::flags` bits.
+pub const CFG_ALL: u32 = 1 << 0;
+pub const CFG_FOLLOW: u32 = 1 << 1;
+
+/// Kernel struct member offsets, read by userspace from
+/// /sys/kernel/btf/vmlinux, because Rust eBPF has no CO-RE relocations.
+/// A zero offset of a pointer-chasing field means "unknown, skip".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_thread_pid: u32,
+    pub task_group_leader: u32,
+    pub pid_level: u32,
+    pub pid_numbers: u32,
+    pub upid_size: u32,
+    pub vma_vm_start: u32,
+    pub vma_vm_end: u32,
+    pub vma_vm_pgoff: u32,
+    pub vma_vm_file: u32,
+    pub vma_vm_flags: u32,
+    pub file_f_inode: u32,
+    pub file_f_path_dentry: u32,
+    pub inode_i_ino: u32,
+    pub inode_i_sb: u32,
+    pub sb_s_dev: u32,
+    pub dentry_d_name_name: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub flags: u32,
+    /// Bytes of user stack to copy, at most `STACK_MAX`.
+    pub stack_size: u32,
+    /// Bit N set: signal N is captured.
+    pub signal_mask: u64,
+    pub offsets: KernelOffsets,
+}
+
+/// Indices into the per-CPU counters array.
+pub const COUNTER_LOST: u32 = 0;
+pub const COUNTERS: u32 = 1;
+
+macro_rules! assert_size {
+    ($t:ty, $n:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $n);
+    };
+}
+assert_size!(EventHeader, 8);
+assert_size!(Vma, 40 + VMA_NAME_LEN);
+assert_size!(
+    SignalEvent,
+    8 + 8 + 16 + 16 + 8 + 8 + 8 + 8 + PT_REGS_LEN * 8 + COMM_LEN + 16 + FP_MAX * 8 + VMA_MAX * (40 + VMA_NAME_LEN)
+);
+assert_size!(SignalRecord, core::mem::size_of::<SignalEvent>() + STACK_MAX);
+assert_size!(ProcEvent, 40);
+assert_size!(KernelOffsets, 18 * 4);
+assert_size!(Config, 16 + 18 * 4);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), contain only integers and arrays of
+    // integers, and have no implicit padding (checked by the size asserts).
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}
