@@ -99,12 +99,18 @@ pub struct SignalEvent {
     pub vmas: [Vma; VMA_MAX],
 }
 
+/// Stack pages are copied one page-bounded chunk at a time; the verifier
+/// cannot relate a chunk's offset to its length, so the buffer carries one
+/// page of slack past `STACK_MAX`.
+pub const PAGE_SIZE: usize = 4096;
+pub const STACK_BUF: usize = STACK_MAX + PAGE_SIZE;
+
 /// The full reservation for one signal event.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SignalRecord {
     pub event: SignalEvent,
-    pub stack: [u8; STACK_MAX],
+    pub stack: [u8; STACK_BUF],
 }
 
 /// x86_64 `struct pt_regs` is 21 u64s; indices below are its field order.
@@ -187,7 +193,7 @@ assert_size!(
     SignalEvent,
     8 + 8 + 16 + 16 + 8 + 8 + 8 + 8 + PT_REGS_LEN * 8 + COMM_LEN + 16 + FP_MAX * 8 + VMA_MAX * (40 + VMA_NAME_LEN)
 );
-assert_size!(SignalRecord, core::mem::size_of::<SignalEvent>() + STACK_MAX);
+assert_size!(SignalRecord, core::mem::size_of::<SignalEvent>() + STACK_BUF);
 assert_size!(ProcEvent, 40);
 assert_size!(KernelOffsets, 18 * 4);
 assert_size!(Config, 16 + 18 * 4);

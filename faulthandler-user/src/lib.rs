@@ -1,2 +1,13 @@
 pub mod modules;
 pub mod report;
+pub mod btf;
+pub mod symbolize;
+pub mod capture;
+pub mod cli;
+pub mod decode;
+pub mod procs;
+pub mod run;
+pub mod watch;
+pub mod unwind;
+pub mod signals;
+pub mod output;

@@ -1,1 +1,152 @@
-fn main(){}
+//! Developer tasks for rfh-trace: `cargo xtask <setup|build|run|test|bench>`.
+
+mod setup;
+mod util;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::util::{ExitWith, cmd, display, exit_code, is_root, run, status, sudo_runner_args};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for rfh-trace"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Check for and install the build prerequisites (nightly, rust-src, bpf-linker).
+    Setup {
+        /// Also install the tools the tests and benchmarks use
+        /// (cc, c++, gdb, eu-stack, bpftool).
+        #[arg(long)]
+        with_test_tools: bool,
+    },
+    /// Run setup, then build rfh-trace (faulthandler-user).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run setup, build rfh-trace and run it (through `sudo -E` when not root).
+    Run(RunArgs),
+    /// Run setup (with test tools), build release and run the workspace tests.
+    Test {
+        /// Extra arguments for `cargo test`, after `--` (e.g. `-- some_test -- --nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run setup (with test tools), build release and run the `crash` benchmark.
+    Bench {
+        /// Extra arguments passed to the benchmark (after `cargo bench ... --`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Use the release profile (the default).
+    #[arg(long, conflicts_with = "debug")]
+    release: bool,
+    /// Use the debug profile instead of release.
+    #[arg(long)]
+    debug: bool,
+    /// Arguments for rfh-trace (put them after `--`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    match dispatch(Cli::parse().command) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(err) => match err.downcast_ref::<ExitWith>() {
+            Some(ExitWith(code)) => ExitCode::from((*code).clamp(1, 255) as u8),
+            None => {
+                eprintln!("xtask: error: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn dispatch(task: Task) -> Result<i32> {
+    match task {
+        Task::Setup { with_test_tools } => setup::setup(with_test_tools)?,
+        Task::Build { release } => {
+            setup::setup(false)?;
+            let bin = build(release)?;
+            println!("{}", bin.display());
+        }
+        Task::Run(args) => return run_trace(args),
+        Task::Test { args } => test(args)?,
+        Task::Bench { args } => bench(args)?,
+    }
+    Ok(0)
+}
+
+/// `cargo build [--release] -p faulthandler-user`; returns the binary path.
+fn build(release: bool) -> Result<PathBuf> {
+    let mut build = cmd("cargo");
+    build.args(["build", "-p", "faulthandler-user"]);
+    if release {
+        build.arg("--release");
+    }
+    eprintln!("xtask: {}", display(&build));
+    run(&mut build)?;
+    let profile = if release { "release" } else { "debug" };
+    let bin = util::target_dir().join(profile).join("rfh-trace");
+    eprintln!("xtask: built {}", bin.display());
+    Ok(bin)
+}
+
+fn run_trace(args: RunArgs) -> Result<i32> {
+    setup::setup(false)?;
+    let bin = build(!args.debug)?;
+    let mut trace = if is_root() {
+        cmd(&bin.to_string_lossy())
+    } else {
+        eprintln!("xtask: not root: running rfh-trace via `sudo -E`");
+        let mut sudo = cmd("sudo");
+        sudo.arg("-E").arg(&bin);
+        sudo
+    };
+    // Run in the caller's directory so relative paths in the args work.
+    trace.current_dir(std::env::current_dir()?).args(&args.args);
+    eprintln!("xtask: {}", display(&trace));
+    Ok(exit_code(status(&mut trace)?))
+}
+
+fn test(extra: Vec<String>) -> Result<()> {
+    setup::setup(true)?;
+    build(true)?;
+    let mut test = cmd("cargo");
+    test.arg("test")
+        .args(sudo_runner_args()?)
+        .args(["--release", "--workspace", "--exclude", "faulthandler-ebpf"])
+        .args(extra);
+    eprintln!("xtask: {}", display(&test));
+    run(&mut test)
+}
+
+fn bench(extra: Vec<String>) -> Result<()> {
+    setup::setup(true)?;
+    build(true)?;
+    let mut bench = cmd("cargo");
+    bench
+        .arg("bench")
+        .args(sudo_runner_args()?)
+        .args(["-p", "faulthandler-user", "--bench", "crash", "--"])
+        .args(extra);
+    eprintln!("xtask: {}", display(&bench));
+    run(&mut bench)
+}

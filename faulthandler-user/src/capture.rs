@@ -1,0 +1,157 @@
+//! Capture stage: load the embedded eBPF object, configure it, attach its
+//! tracepoints and hand out the ring buffer.
+//!
+//! Nothing is pinned: every program and map lives only as long as this
+//! process's file descriptors, so Ctrl-C or `kill -9` detaches everything.
+
+use std::{os::fd::AsRawFd, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, RingBuf},
+    programs::RawTracePoint,
+};
+use faulthandler_common::{CFG_ALL, CFG_FOLLOW, Config, KernelOffsets, STACK_MAX};
+use thiserror::Error;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/faulthandler"));
+
+/// Tracepoints attached, program name = tracepoint name.
+const TRACEPOINTS: [&str; 5] =
+    ["signal_deliver", "sched_process_fork", "sched_process_exec", "sched_process_exit", "sys_exit"];
+
+#[derive(Debug, Error)]
+pub enum CaptureError {
+    #[error(
+        "not permitted to load eBPF programs: run rfh-trace as root (sudo) or grant it CAP_BPF and CAP_PERFMON"
+    )]
+    NotPermitted(#[source] aya::EbpfError),
+    #[error("failed to load the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF program {0} is missing from the embedded object")]
+    MissingProgram(&'static str),
+    /// The verifier log can run to thousands of lines; only its first
+    /// line and verdict are kept, so the error stays one line.
+    #[error("failed to load or attach eBPF program {name}: {summary}")]
+    Program { name: &'static str, summary: String },
+    #[error("eBPF map {0} is missing from the embedded object")]
+    MissingMap(&'static str),
+    #[error("failed to access eBPF map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("failed to wait for events")]
+    Poll(#[source] std::io::Error),
+}
+
+pub struct CaptureOptions {
+    pub all: bool,
+    pub follow: bool,
+    pub signal_mask: u64,
+    pub stack_size: u32,
+    pub offsets: KernelOffsets,
+}
+
+pub struct Capture {
+    ebpf: Ebpf,
+    events: RingBuf<MapData>,
+}
+
+fn is_permission_error(e: &aya::EbpfError) -> bool {
+    let text = format!("{e:?}");
+    text.contains("PermissionDenied") || text.contains("EPERM") || text.contains("os error 1)")
+}
+
+impl Capture {
+    pub fn start(opts: &CaptureOptions) -> Result<Self, CaptureError> {
+        // Kernels >= 5.11 charge BPF memory to the memcg, so failing to
+        // raise RLIMIT_MEMLOCK (no CAP_SYS_RESOURCE) is harmless.
+        let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+
+        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
+            if is_permission_error(&e) { CaptureError::NotPermitted(e) } else { CaptureError::Load(e) }
+        })?;
+        let config = Config {
+            flags: if opts.all { CFG_ALL } else { 0 } | if opts.follow { CFG_FOLLOW } else { 0 },
+            stack_size: opts.stack_size.min(STACK_MAX as u32),
+            signal_mask: opts.signal_mask,
+            offsets: opts.offsets,
+        };
+        let mut cfg: Array<_, Config> = Array::try_from(map(&mut ebpf, "CONFIG")?)
+            .map_err(|source| CaptureError::Map { name: "CONFIG", source })?;
+        cfg.set(0, config, 0).map_err(|source| CaptureError::Map { name: "CONFIG", source })?;
+
+        for name in TRACEPOINTS {
+            let prog: &mut RawTracePoint = ebpf
+                .program_mut(name)
+                .ok_or(CaptureError::MissingProgram(name))?
+                
+                .try_into()
+                .map_err(program_error(name))?;
+            prog.load().map_err(program_error(name))?;
+            prog.attach(name).map_err(program_error(name))?;
+        }
+        let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(CaptureError::MissingMap("EVENTS"))?)
+            .map_err(|source| CaptureError::Map { name: "EVENTS", source })?;
+        Ok(Self { ebpf, events })
+    }
+
+    /// Adds a process to the in-kernel watch set.
+    pub fn watch(&mut self, tgid: u32) -> Result<(), CaptureError> {
+        let mut watched: HashMap<_, u32, u8> = HashMap::try_from(map(&mut self.ebpf, "WATCHED")?)
+            .map_err(|source| CaptureError::Map { name: "WATCHED", source })?;
+        watched.insert(tgid, 1, 0).map_err(|source| CaptureError::Map { name: "WATCHED", source })
+    }
+
+    pub fn unwatch(&mut self, tgid: u32) {
+        if let Ok(mut watched) = map(&mut self.ebpf, "WATCHED").and_then(|m| {
+            HashMap::<_, u32, u8>::try_from(m).map_err(|source| CaptureError::Map { name: "WATCHED", source })
+        }) {
+            // Already gone is fine: the process may never have been added.
+            let _ = watched.remove(&tgid);
+        }
+    }
+
+    /// Waits up to `timeout` for records, then hands each one to `f`.
+    pub fn poll(&mut self, timeout: Duration, mut f: impl FnMut(&[u8])) -> Result<usize, CaptureError> {
+        let mut pfd = libc::pollfd { fd: self.events.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(CaptureError::Poll(e));
+            }
+        }
+        Ok(self.drain(&mut f))
+    }
+
+    /// Hands every record already in the ring buffer to `f`.
+    pub fn drain(&mut self, f: &mut impl FnMut(&[u8])) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.events.next() {
+            f(&item);
+            n += 1;
+        }
+        n
+    }
+}
+
+fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> CaptureError {
+    move |e| {
+        let text = e.to_string();
+        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+        let first = lines.next().unwrap_or_default().to_string();
+        let summary = match lines.last() {
+            Some(last) if first.len() < 200 => format!("{first} … {last}"),
+            _ => first.chars().take(300).collect(),
+        };
+        CaptureError::Program { name, summary }
+    }
+}
+
+fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, CaptureError> {
+    ebpf.map_mut(name).ok_or(CaptureError::MissingMap(name))
+}

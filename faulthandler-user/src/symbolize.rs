@@ -1,0 +1,520 @@
+//! The symbolize stage: unwound addresses to report frames (function,
+//! source location, inlined calls), via blazesym.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+
+use blazesym::symbolize::source::{Elf, Source};
+use blazesym::symbolize::{self as bz, CodeInfo, Input, Sym, Symbolized};
+use object::{Object as _, ObjectSegment as _};
+
+use crate::modules::Module;
+use crate::report::Frame;
+
+const DEFAULT_DEBUG_DIRS: &[&str] = &["/usr/lib/debug", "/lib/debug"];
+
+/// What we read once per file ourselves.
+#[derive(Default)]
+struct FileInfo {
+    build_id: Option<Vec<u8>>,
+    /// blazesym only tries `.build-id/xx/yyyy.debug` while following a
+    /// `.gnu_debuglink`; for a file with a build-id but neither DWARF nor a
+    /// debuglink we find the debug file ourselves and look up virtual
+    /// addresses in it, hence the file's PT_LOADs.
+    build_id_debug: Option<(PathBuf, Loads)>,
+}
+
+/// (p_offset, p_filesz, p_vaddr) of each PT_LOAD.
+type Loads = Vec<(u64, u64, u64)>;
+
+static NO_INFO: FileInfo = FileInfo {
+    build_id: None,
+    build_id_debug: None,
+};
+
+/// File identity rather than path: `open_path` is often a per-process alias
+/// (`/proc/PID/root/...`, `/proc/self/fd/N`), and a path can be replaced by a
+/// package upgrade between reports.
+type FileKey = (u64, u64, u64, i64, i64);
+
+pub struct Symbolizer {
+    /// Reused across reports: it caches parsed ELF/DWARF per file identity
+    /// (it stats the path each call and reloads only if the file changed).
+    inner: bz::Symbolizer,
+    debug_dirs: Vec<PathBuf>,
+    files: HashMap<FileKey, FileInfo>,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        Self::with_debug_dirs(DEFAULT_DEBUG_DIRS.iter().map(PathBuf::from).collect())
+    }
+
+    /// Like `new`, searching `debug_dirs` (and their `.build-id/`) for
+    /// separate debug files instead of /usr/lib/debug and /lib/debug.
+    pub fn with_debug_dirs(debug_dirs: Vec<PathBuf>) -> Self {
+        let inner = bz::Symbolizer::builder()
+            .set_debug_dirs(Some(&debug_dirs))
+            // All on by default; spelled out because the frames depend on them.
+            .enable_code_info(true)
+            .enable_inlined_fns(true)
+            .enable_demangling(true)
+            .build();
+        Self {
+            inner,
+            debug_dirs,
+            files: HashMap::new(),
+        }
+    }
+
+    /// addrs[0] is the exact instruction pointer of the innermost frame;
+    /// addrs[1..] are raw return addresses (looked up at addr-1 so the call
+    /// site's line is found, but printed as given).
+    /// Returns the frames, innermost first: for each address, its inlined
+    /// frames first (inlined: true), then the outer function frame.
+    pub fn symbolize(&mut self, addrs: &[u64], modules: &[Module]) -> Vec<Frame> {
+        // A return address may be the first byte past its module (call as
+        // the last instruction), so the module is chosen by the lookup address.
+        let lookup = |i: usize| addrs[i].saturating_sub(u64::from(i > 0));
+        let mut per_addr: Vec<Vec<Frame>> = vec![Vec::new(); addrs.len()];
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for i in 0..addrs.len() {
+            match modules.iter().position(|m| m.contains(lookup(i))) {
+                Some(m) => match groups.iter_mut().find(|(gm, _)| *gm == m) {
+                    Some((_, idxs)) => idxs.push(i),
+                    None => groups.push((m, vec![i])),
+                },
+                None => per_addr[i].push(Frame {
+                    address: hex(addrs[i]),
+                    ..Frame::default()
+                }),
+            }
+        }
+
+        for (m, idxs) in groups {
+            let module = &modules[m];
+            let info = file_info(&mut self.files, &self.debug_dirs, &module.open_path);
+            let build_id = module
+                .build_id
+                .as_deref()
+                .or(info.build_id.as_deref())
+                .map(hex_bytes);
+            let offsets: Vec<u64> = idxs
+                .iter()
+                .map(|&i| module.file_offset_of(lookup(i)))
+                .collect();
+            let syms = lookup_batch(&self.inner, module, info, &offsets);
+            for (k, &i) in idxs.iter().enumerate() {
+                let base = Frame {
+                    address: hex(addrs[i]),
+                    module: Some(module.name.clone()),
+                    module_offset: Some(hex(module.file_offset_of(addrs[i]))),
+                    build_id: build_id.clone(),
+                    language: Some("native"),
+                    ..Frame::default()
+                };
+                per_addr[i] = match syms.get(k) {
+                    Some(Symbolized::Sym(sym)) => frames_of(sym, base, addrs[i] - lookup(i)),
+                    _ => vec![base],
+                };
+            }
+        }
+        per_addr.into_iter().flatten().collect()
+    }
+}
+
+/// One blazesym call for all of a module's offsets. An error for the whole
+/// batch (file gone, not ELF) yields no symbols, so every frame stays bare.
+fn lookup_batch<'a>(
+    inner: &'a bz::Symbolizer,
+    module: &Module,
+    info: &FileInfo,
+    offsets: &[u64],
+) -> Vec<Symbolized<'a>> {
+    let result = match &info.build_id_debug {
+        Some((debug_file, loads)) => {
+            let virt: Vec<u64> = offsets
+                .iter()
+                .map(|&off| {
+                    loads
+                        .iter()
+                        .find(|&&(p_off, p_filesz, _)| off >= p_off && off - p_off < p_filesz)
+                        // No address maps to u64::MAX, so it comes back unknown.
+                        .map_or(u64::MAX, |&(p_off, _, p_vaddr)| off - p_off + p_vaddr)
+                })
+                .collect();
+            inner.symbolize(&Source::Elf(Elf::new(debug_file)), Input::VirtOffset(&virt))
+        }
+        None => inner.symbolize(
+            &Source::Elf(Elf::new(&module.open_path)),
+            Input::FileOffset(offsets),
+        ),
+    };
+    result.unwrap_or_default()
+}
+
+/// `delta` is how far the printed address lies past the looked-up one, so
+/// function_offset matches the printed address.
+fn frames_of(sym: &Sym<'_>, base: Frame, delta: u64) -> Vec<Frame> {
+    // blazesym lists inlined calls outermost first; reports want innermost
+    // first. Each entry's code_info is the location inside that function.
+    let mut frames: Vec<Frame> = sym
+        .inlined
+        .iter()
+        .rev()
+        .map(|inl| {
+            let mut frame = Frame {
+                function: non_empty(&inl.name),
+                inlined: true,
+                ..base.clone()
+            };
+            set_location(&mut frame, inl.code_info.as_ref());
+            frame
+        })
+        .collect();
+    let mut outer = base;
+    outer.function = non_empty(&sym.name);
+    if outer.function.is_some() {
+        outer.function_offset = Some(hex(sym.offset as u64 + delta));
+    }
+    set_location(&mut outer, sym.code_info.as_deref());
+    frames.push(outer);
+    frames
+}
+
+fn set_location(frame: &mut Frame, code_info: Option<&CodeInfo<'_>>) {
+    let Some(ci) = code_info else { return };
+    frame.file = Some(ci.to_path().to_string_lossy().into_owned());
+    // DWARF uses 0 for "no line/column".
+    frame.line = ci.line.filter(|&l| l != 0);
+    frame.column = ci.column.filter(|&c| c != 0).map(u32::from);
+}
+
+fn non_empty(name: &str) -> Option<String> {
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+fn file_info<'a>(
+    files: &'a mut HashMap<FileKey, FileInfo>,
+    debug_dirs: &[PathBuf],
+    path: &Path,
+) -> &'a FileInfo {
+    let Ok(md) = std::fs::metadata(path) else {
+        return &NO_INFO;
+    };
+    let key = (md.dev(), md.ino(), md.size(), md.mtime(), md.mtime_nsec());
+    files
+        .entry(key)
+        .or_insert_with(|| read_file_info(path, debug_dirs))
+}
+
+fn read_file_info(path: &Path, debug_dirs: &[PathBuf]) -> FileInfo {
+    let Ok(file) = File::open(path) else {
+        return FileInfo::default();
+    };
+    // ReadCache reads only the headers and notes we touch, not the whole file.
+    let cache = object::ReadCache::new(file);
+    let Ok(obj) = object::File::parse(&cache) else {
+        return FileInfo::default();
+    };
+    let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
+    let has_dwarf = [".debug_info", ".zdebug_info"]
+        .iter()
+        .any(|name| obj.section_by_name(name).is_some());
+    let has_debuglink = matches!(obj.gnu_debuglink(), Ok(Some(_)));
+    let build_id_debug = match &build_id {
+        Some(id) if !has_dwarf && !has_debuglink => {
+            find_build_id_file(debug_dirs, id).map(|debug_file| {
+                let loads = obj
+                    .segments()
+                    .map(|seg| {
+                        let (off, size) = seg.file_range();
+                        (off, size, seg.address())
+                    })
+                    .collect();
+                (debug_file, loads)
+            })
+        }
+        _ => None,
+    };
+    FileInfo {
+        build_id,
+        build_id_debug,
+    }
+}
+
+fn find_build_id_file(debug_dirs: &[PathBuf], id: &[u8]) -> Option<PathBuf> {
+    let (first, rest) = id.split_first()?;
+    if rest.is_empty() {
+        return None;
+    }
+    let rel = format!(".build-id/{first:02x}/{}.debug", hex_bytes(rest));
+    debug_dirs
+        .iter()
+        .map(|dir| dir.join(&rel))
+        .find(|p| p.is_file())
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+fn hex_bytes(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object::{ObjectSymbol as _, SegmentFlags};
+    use std::process::Command;
+
+    /// A pretend load bias, so test addresses look like a PIE's.
+    const BIAS: u64 = 0x5555_0000_0000;
+
+    fn compile(dir: &Path, compiler: &str, src_name: &str, src: &str) -> PathBuf {
+        let src_path = dir.join(src_name);
+        std::fs::write(&src_path, src).unwrap();
+        let out = dir.join(src_name.replace('.', "_"));
+        let mut cmd = Command::new(compiler);
+        cmd.args(["-g", "-O2", "-Wl,--build-id", "-o"]);
+        assert!(cmd.arg(&out).arg(&src_path).status().unwrap().success());
+        out
+    }
+
+    fn elf<T>(path: &Path, f: impl FnOnce(&object::File) -> T) -> T {
+        let data = std::fs::read(path).unwrap();
+        f(&object::File::parse(&*data).unwrap())
+    }
+
+    /// The executable PT_LOAD mapped at BIAS, as the loader would for a PIE.
+    fn exec_module(path: &Path) -> Module {
+        let is_x =
+            |fl| matches!(fl, SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0);
+        let (vaddr, size, off) = elf(path, |obj| {
+            let seg = obj.segments().find(|s| is_x(s.flags())).unwrap();
+            (seg.address(), seg.size(), seg.file_range().0)
+        });
+        Module {
+            open_path: path.to_owned(),
+            name: path.display().to_string(),
+            start: BIAS + (vaddr & !0xfff),
+            end: BIAS + vaddr + size,
+            file_offset: off & !0xfff,
+            build_id: None,
+        }
+    }
+
+    /// (address, size) of a symbol whose name satisfies `pred`.
+    fn symbol(path: &Path, dynamic: bool, pred: impl Fn(&str) -> bool) -> (u64, u64) {
+        elf(path, |obj| {
+            let mut syms = if dynamic {
+                obj.dynamic_symbols()
+            } else {
+                obj.symbols()
+            };
+            let sym = syms.find(|s| s.name().is_ok_and(&pred)).unwrap();
+            (sym.address(), sym.size())
+        })
+    }
+
+    fn build_id(path: &Path) -> Vec<u8> {
+        elf(path, |obj| obj.build_id().unwrap().unwrap().to_vec())
+    }
+
+    fn line_of(src: &str, marker: &str) -> Option<u32> {
+        Some(src.lines().position(|l| l.contains(marker))? as u32 + 1)
+    }
+
+    fn name(f: &Frame) -> &str {
+        f.function.as_deref().unwrap_or("")
+    }
+
+    const C_SRC: &str = r#"
+static int counter;
+static inline __attribute__((always_inline)) int inner(int x) {
+    counter += x * 3; /* MARK_INNER */
+    return counter;
+}
+__attribute__((noinline)) int outer(int x) {
+    int r = inner(x); /* MARK_CALL */
+    return r + 1;
+}
+int main(int argc, char **argv) { (void)argv; return outer(argc); }
+"#;
+
+    #[test]
+    fn c_inlined_frames_lines_and_build_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = compile(dir.path(), "cc", "prog.c", C_SRC);
+        let module = exec_module(&exe);
+        let modules = std::slice::from_ref(&module);
+        let (outer, size) = symbol(&exe, false, |n| n == "outer");
+        let build_id = Some(hex_bytes(&build_id(&exe)));
+        let mut s = Symbolizer::new();
+        let mut saw_inlined = false;
+        for off in 0..size {
+            let addr = BIAS + outer + off;
+            let frames = s.symbolize(&[addr], modules);
+            let last = frames.last().unwrap();
+            assert_eq!((name(last), last.inlined), ("outer", false), "{frames:?}");
+            assert_eq!(last.function_offset, Some(hex(off)));
+            for f in &frames {
+                assert_eq!(f.address, hex(addr));
+                assert_eq!(f.module_offset, Some(hex(addr - BIAS)));
+                assert_eq!((&f.build_id, f.language), (&build_id, Some("native")));
+                assert!(f.file.as_deref().unwrap().ends_with("/prog.c"), "{f:?}");
+            }
+            if let [inl, out] = &frames[..] {
+                assert_eq!((name(inl), inl.inlined), ("inner", true));
+                assert_eq!(inl.line, line_of(C_SRC, "MARK_INNER"));
+                assert_eq!(out.line, line_of(C_SRC, "MARK_CALL"));
+                saw_inlined = true;
+            }
+        }
+        assert!(saw_inlined, "no address in outer() had inner() inlined");
+
+        // Return addresses are looked up one byte earlier but printed as is.
+        let a = BIAS + outer;
+        let one = s.symbolize(&[a], modules);
+        let two = s.symbolize(&[a, a + 1], modules);
+        assert_eq!(two.len(), 2 * one.len());
+        for (x, y) in one.iter().zip(&two[one.len()..]) {
+            assert_eq!(y.address, hex(a + 1));
+            assert_eq!((&x.function, x.line), (&y.function, y.line));
+        }
+        assert_eq!(two.last().unwrap().function_offset.as_deref(), Some("0x1"));
+
+        // Unmapped address, and a module whose file is gone: bare frames.
+        let gone = Module {
+            open_path: dir.path().join("missing"),
+            name: "/missing".into(),
+            start: 0x1000,
+            end: 0x2000,
+            file_offset: 0,
+            build_id: Some(vec![0xab, 0x01]),
+        };
+        let frames = s.symbolize(&[0x10, 0x1800], &[module, gone]);
+        let bare = |address: &str| Frame {
+            address: address.into(),
+            ..Frame::default()
+        };
+        let gone_frame = Frame {
+            module: Some("/missing".into()),
+            module_offset: Some("0x800".into()),
+            build_id: Some("ab01".into()),
+            language: Some("native"),
+            ..bare("0x1800")
+        };
+        assert_eq!(frames, [bare("0x10"), gone_frame]);
+    }
+
+    #[test]
+    fn cpp_names_are_demangled() {
+        let src = r#"
+namespace outerns { namespace inner {
+__attribute__((noinline)) int compute(int x) { return x * 7 + 1; } // MARK_CPP
+} }
+int main(int argc, char **) { return outerns::inner::compute(argc); }
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let exe = compile(dir.path(), "c++", "prog.cpp", src);
+        let (addr, _) = symbol(&exe, false, |n| n.contains("compute"));
+        let frames = Symbolizer::new().symbolize(&[BIAS + addr], &[exec_module(&exe)]);
+        let f = frames.last().unwrap();
+        assert!(name(f).starts_with("outerns::inner::compute"), "{f:?}");
+        assert!(f.file.as_deref().unwrap().ends_with("/prog.cpp"));
+        assert_eq!(f.line, line_of(src, "MARK_CPP"));
+    }
+
+    /// Debug info only under <dir>/.build-id/, no .gnu_debuglink.
+    #[test]
+    fn debug_file_found_by_build_id_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = compile(dir.path(), "cc", "prog.c", C_SRC);
+        let id = build_id(&exe);
+        let debug_dir = dir.path().join("debug");
+        let rel = format!(".build-id/{:02x}/{}.debug", id[0], hex_bytes(&id[1..]));
+        let target = debug_dir.join(rel);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        let run = |cmd: &mut Command| assert!(cmd.status().unwrap().success());
+        run(Command::new("objcopy")
+            .arg("--only-keep-debug")
+            .arg(&exe)
+            .arg(&target));
+        run(Command::new("strip").arg("--strip-debug").arg(&exe));
+        let (outer, size) = symbol(&exe, false, |n| n == "outer");
+        let modules = [exec_module(&exe)];
+        let addrs: Vec<u64> = (0..size).map(|off| BIAS + outer + off).collect();
+
+        let without = Symbolizer::new().symbolize(&addrs[..1], &modules);
+        assert_eq!(without.last().unwrap().file, None);
+        let frames = Symbolizer::with_debug_dirs(vec![debug_dir]).symbolize(&addrs, &modules);
+        assert!(frames.iter().any(|f| f.inlined && name(f) == "inner"));
+        let f = frames.last().unwrap();
+        assert_eq!(name(f), "outer");
+        assert!(f.file.as_deref().unwrap().ends_with("/prog.c"), "{f:?}");
+    }
+
+    /// An executable file mapping of this test process.
+    fn self_mapping(pred: impl Fn(&Module) -> bool) -> Option<Module> {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines().find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (start, end) = f[0].split_once('-')?;
+            let path = f
+                .get(5)
+                .filter(|p| p.starts_with('/') && f[1].contains('x'))?;
+            let module = Module {
+                open_path: PathBuf::from(path),
+                name: path.to_string(),
+                start: u64::from_str_radix(start, 16).ok()?,
+                end: u64::from_str_radix(end, 16).ok()?,
+                file_offset: u64::from_str_radix(f[2], 16).ok()?,
+                build_id: None,
+            };
+            pred(&module).then_some(module)
+        })
+    }
+
+    #[inline(never)]
+    fn rust_marker() -> u64 {
+        std::hint::black_box(42)
+    }
+
+    #[test]
+    fn rust_names_are_demangled_in_live_process() {
+        let addr = rust_marker as fn() -> u64 as usize as u64;
+        let module = self_mapping(|m| m.contains(addr)).unwrap();
+        let frames = Symbolizer::new().symbolize(&[addr], &[module]);
+        let f = frames.last().unwrap();
+        assert!(name(f).ends_with("symbolize::tests::rust_marker"), "{f:?}");
+    }
+
+    #[test]
+    fn libc_frame_has_file_and_line() {
+        let is_libc = |m: &Module| {
+            m.name
+                .rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with("libc.so"))
+        };
+        let libc = self_mapping(is_libc).unwrap().open_path;
+        let (abort, _) = symbol(&libc, true, |n| n == "abort");
+        let frames = Symbolizer::new().symbolize(&[BIAS + abort + 4], &[exec_module(&libc)]);
+        let f = frames.last().unwrap();
+        assert!(name(f).contains("abort"), "{f:?}");
+        assert!(
+            f.file.is_some() && f.line.is_some() && f.build_id.is_some(),
+            "{f:?}"
+        );
+    }
+}
