@@ -18,7 +18,10 @@ fn assert_usage_error(args: &[&str], hint: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
-    assert!(stderr.contains(hint), "{args:?}: {stderr:?} should mention {hint:?}");
+    assert!(
+        stderr.contains(hint),
+        "{args:?}: {stderr:?} should mention {hint:?}"
+    );
 }
 
 #[test]
@@ -34,12 +37,18 @@ fn kernel_thread() {
 
 #[test]
 fn unknown_signal_name() {
-    assert_usage_error(&["--signals", "SIGSEGV,SIGFOO", "--pid", "1"], "unknown signal");
+    assert_usage_error(
+        &["--signals", "SIGSEGV,SIGFOO", "--pid", "1"],
+        "unknown signal",
+    );
 }
 
 #[test]
 fn unwritable_output() {
-    assert_usage_error(&["--output", "/nonexistent-dir/x.log", "--pid", "1"], "--output");
+    assert_usage_error(
+        &["--output", "/nonexistent-dir/x.log", "--pid", "1"],
+        "--output",
+    );
 }
 
 #[test]
@@ -56,14 +65,22 @@ fn not_root() {
     let exe = dir.path().join("rfh-trace");
     std::fs::copy(rfh_trace(), &exe).unwrap();
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(&exe)
         .args(["--", "true"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("sudo") && stderr.contains("CAP_BPF"), "{stderr}");
+    assert!(
+        stderr.contains("sudo") && stderr.contains("CAP_BPF"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -89,24 +106,38 @@ fn output_file_is_0600_and_never_a_symlink() {
     std::fs::write(&target, "untouched").unwrap();
     let link = dir.path().join("planted");
     std::os::unix::fs::symlink(&target, &link).unwrap();
-    let o = Command::new(rfh_trace()).arg("--output").arg(&link).arg("--").arg(&b.exe).output().unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(rfh_trace())
+        .arg("--output")
+        .arg(&link)
+        .arg("--")
+        .arg(&b.exe)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
 }
 
-/// IDs of the BPF programs a process holds, from bpftool.
+/// IDs of the BPF programs a process holds open, from its fdinfo (this
+/// Debian bpftool cannot show owning pids).
 fn prog_ids_of(pid: u32) -> Vec<u64> {
-    let out = Command::new("bpftool").args(["-j", "prog", "list"]).output().expect("bpftool is installed by setup");
-    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    progs
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|p| p["pids"].as_array().is_some_and(|ps| ps.iter().any(|x| x["pid"] == pid)))
-                .filter_map(|p| p["id"].as_u64())
-                .collect()
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<u64> = dir
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
         })
-        .unwrap_or_default()
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 fn prog_exists(id: u64) -> bool {
@@ -145,7 +176,10 @@ fn detaches_on(sig: i32) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let left: Vec<_> = ids.iter().filter(|&&id| prog_exists(id)).collect();
-    assert!(left.is_empty(), "programs still loaded after signal {sig}: {left:?}");
+    assert!(
+        left.is_empty(),
+        "programs still loaded after signal {sig}: {left:?}"
+    );
     let _ = target.kill();
     let _ = target.wait();
 }

@@ -191,9 +191,23 @@ assert_size!(EventHeader, 8);
 assert_size!(Vma, 40 + VMA_NAME_LEN);
 assert_size!(
     SignalEvent,
-    8 + 8 + 16 + 16 + 8 + 8 + 8 + 8 + PT_REGS_LEN * 8 + COMM_LEN + 16 + FP_MAX * 8 + VMA_MAX * (40 + VMA_NAME_LEN)
+    8 + 8
+        + 16
+        + 16
+        + 8
+        + 8
+        + 8
+        + 8
+        + PT_REGS_LEN * 8
+        + COMM_LEN
+        + 16
+        + FP_MAX * 8
+        + VMA_MAX * (40 + VMA_NAME_LEN)
 );
-assert_size!(SignalRecord, core::mem::size_of::<SignalEvent>() + STACK_BUF);
+assert_size!(
+    SignalRecord,
+    core::mem::size_of::<SignalEvent>() + STACK_BUF
+);
 assert_size!(ProcEvent, 40);
 assert_size!(KernelOffsets, 18 * 4);
 assert_size!(Config, 16 + 18 * 4);

@@ -14,7 +14,10 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
-        generated::{bpf_get_stack, bpf_probe_read_kernel as raw_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
+        generated::{
+            bpf_get_stack, bpf_probe_read_kernel as raw_read_kernel, bpf_probe_read_user,
+            bpf_task_pt_regs,
+        },
     },
     macros::{map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -121,7 +124,10 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     let rec = entry.as_mut_ptr();
     unsafe {
         let ev = addr_of_mut!((*rec).event);
-        (*ev).header = EventHeader { kind: EVENT_SIGNAL, len: size_of::<SignalEvent>() as u32 };
+        (*ev).header = EventHeader {
+            kind: EVENT_SIGNAL,
+            len: size_of::<SignalEvent>() as u32,
+        };
         (*ev).ktime_ns = bpf_ktime_get_ns();
         (*ev).pid = tgid;
         (*ev).tid = pid_tgid as u32;
@@ -195,7 +201,11 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
 /// last mapped one, and one large read would fail as a whole there.
 #[inline(always)]
 unsafe fn copy_stack(rec: *mut SignalRecord, sp: u64, want: u32) {
-    let want = if want as usize > STACK_MAX { STACK_MAX as u32 } else { want };
+    let want = if want as usize > STACK_MAX {
+        STACK_MAX as u32
+    } else {
+        want
+    };
     let ev = unsafe { addr_of_mut!((*rec).event) };
     let buf = unsafe { addr_of_mut!((*rec).stack) } as *mut u8;
     let mut off: u32 = 0;
@@ -213,7 +223,9 @@ unsafe fn copy_stack(rec: *mut SignalRecord, sp: u64, want: u32) {
         if c == 0 || c > PAGE_SIZE {
             break;
         }
-        let r = unsafe { bpf_probe_read_user(buf.add(o) as *mut c_void, c as u32, addr as *const c_void) };
+        let r = unsafe {
+            bpf_probe_read_user(buf.add(o) as *mut c_void, c as u32, addr as *const c_void)
+        };
         if r != 0 {
             unsafe { (*ev).stack_err = r as i32 };
             break;
@@ -226,7 +238,10 @@ unsafe fn copy_stack(rec: *mut SignalRecord, sp: u64, want: u32) {
 #[inline(always)]
 fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, addr: u64) {
     let ev = ProcEvent {
-        header: EventHeader { kind, len: size_of::<ProcEvent>() as u32 },
+        header: EventHeader {
+            kind,
+            len: size_of::<ProcEvent>() as u32,
+        },
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         pid,
         tid,

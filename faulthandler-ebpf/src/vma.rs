@@ -38,8 +38,14 @@ static SCAN: PerCpuArray<ScanState> = PerCpuArray::with_max_entries(1, 0);
 const USER_MIN: u64 = 0x1000;
 const USER_MAX: u64 = 0x0000_8000_0000_0000;
 
-pub unsafe fn capture(task: *mut aya_ebpf::bindings::task_struct, ev: *mut SignalEvent, rec: *mut SignalRecord) {
-    let Some(st) = SCAN.get_ptr_mut(0) else { return };
+pub unsafe fn capture(
+    task: *mut aya_ebpf::bindings::task_struct,
+    ev: *mut SignalEvent,
+    rec: *mut SignalRecord,
+) {
+    let Some(st) = SCAN.get_ptr_mut(0) else {
+        return;
+    };
     unsafe {
         (*st).sp = (*ev).regs[REG_SP];
         (*st).words = ((*ev).stack_len / 8) as u64;
@@ -52,7 +58,11 @@ pub unsafe fn capture(task: *mut aya_ebpf::bindings::task_struct, ev: *mut Signa
             0,
         );
         let n = (*st).n;
-        let n = if n > VMA_MAX as u64 { VMA_MAX as u64 } else { n };
+        let n = if n > VMA_MAX as u64 {
+            VMA_MAX as u64
+        } else {
+            n
+        };
         (*ev).nvmas = n as u32;
         raw_read_kernel(
             addr_of_mut!((*ev).vmas) as *mut c_void,
@@ -69,7 +79,9 @@ unsafe fn lookup(task: *mut aya_ebpf::bindings::task_struct, addr: u64) -> i64 {
     if !(USER_MIN..USER_MAX).contains(&addr) {
         return 0;
     }
-    let Some(st) = SCAN.get_ptr_mut(0) else { return 1 };
+    let Some(st) = SCAN.get_ptr_mut(0) else {
+        return 1;
+    };
     let n = unsafe { (*st).n };
     for j in 0..VMA_MAX {
         if j as u64 >= n {
@@ -83,13 +95,23 @@ unsafe fn lookup(task: *mut aya_ebpf::bindings::task_struct, addr: u64) -> i64 {
     if n >= VMA_MAX as u64 {
         return 1;
     }
-    unsafe { bpf_find_vma(task, addr, record_vma as *const () as *mut c_void, core::ptr::null_mut(), 0) };
+    unsafe {
+        bpf_find_vma(
+            task,
+            addr,
+            record_vma as *const () as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
     0
 }
 
 #[inline(never)]
 extern "C" fn scan_word(i: u64, _ctx: *mut c_void) -> i64 {
-    let Some(st) = SCAN.get_ptr_mut(0) else { return 1 };
+    let Some(st) = SCAN.get_ptr_mut(0) else {
+        return 1;
+    };
     let sp = unsafe { (*st).sp };
     let Ok(word) = (unsafe { bpf_probe_read_user((sp + i * 8) as *const u64) }) else {
         return 0;
@@ -101,7 +123,9 @@ extern "C" fn scan_word(i: u64, _ctx: *mut c_void) -> i64 {
 #[inline(never)]
 extern "C" fn record_vma(_task: *mut c_void, vma: *mut c_void, _ctx: *mut c_void) -> i64 {
     let Some(cfg) = CONFIG.get(0) else { return 0 };
-    let Some(st) = SCAN.get_ptr_mut(0) else { return 0 };
+    let Some(st) = SCAN.get_ptr_mut(0) else {
+        return 0;
+    };
     let o = &cfg.offsets;
     let vma = vma as *const u8;
     unsafe {

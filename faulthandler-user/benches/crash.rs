@@ -55,7 +55,10 @@ fn parse_time(t: &str) -> Option<i128> {
 }
 
 fn now_ns() -> i128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -69,7 +72,10 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn latency(victim: &Path) {
-    let script = format!("for i in $(seq {CRASHES}); do {} ; sleep 0.05; done; exit 0", victim.display());
+    let script = format!(
+        "for i in $(seq {CRASHES}); do {} ; sleep 0.05; done; exit 0",
+        victim.display()
+    );
     let mut child = Command::new(rfh_trace())
         .args(["--format", "json", "--", "sh", "-c", &script])
         .stdout(Stdio::null())
@@ -80,26 +86,42 @@ fn latency(victim: &Path) {
     for line in BufReader::new(child.stderr.take().unwrap()).lines() {
         let arrived = now_ns();
         let Ok(line) = line else { break };
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
         if let Some(t) = v["time"].as_str().and_then(parse_time) {
             lat_ms.push((arrived - t) as f64 / 1e6);
         }
     }
     let _ = child.wait();
-    assert!(lat_ms.len() >= 20, "expected >= 20 reports, got {}", lat_ms.len());
+    assert!(
+        lat_ms.len() >= 20,
+        "expected >= 20 reports, got {}",
+        lat_ms.len()
+    );
     let cold = lat_ms[0];
     let mut warm = lat_ms[1..].to_vec();
     warm.sort_by(f64::total_cmp);
-    println!("crash-to-report latency over {} crashes of a -fomit-frame-pointer program:", lat_ms.len());
+    println!(
+        "crash-to-report latency over {} crashes of a -fomit-frame-pointer program:",
+        lat_ms.len()
+    );
     println!("  cold (first report):  {cold:8.2} ms");
-    println!("  warm median:          {:8.2} ms   (target <= 20 ms)", percentile(&warm, 0.5));
+    println!(
+        "  warm median:          {:8.2} ms   (target <= 20 ms)",
+        percentile(&warm, 0.5)
+    );
     println!("  warm p99:             {:8.2} ms", percentile(&warm, 0.99));
 }
 
 /// Wall time and peak RSS (KiB) of one run, via wait4's rusage.
 fn timed(cmd: &mut Command) -> (Duration, i64) {
     let start = Instant::now();
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
     let mut status = 0;
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
@@ -119,9 +141,15 @@ fn whole_run(victim: &Path) {
     let (b, t) = (median(&mut bare), median(&mut traced));
     println!("whole run, median of {RUNS} alternating runs:");
     println!("  program alone:              {b:8.2} ms");
-    println!("  rfh-trace -- program:       {t:8.2} ms   (target <= 300 ms; {:.1}x the bare run)", t / b);
+    println!(
+        "  rfh-trace -- program:       {t:8.2} ms   (target <= 300 ms; {:.1}x the bare run)",
+        t / b
+    );
     rss.sort_by(f64::total_cmp);
-    println!("  rfh-trace peak RSS:         {:8.1} MiB (max over runs; target <= 64 MiB)", rss[rss.len() - 1]);
+    println!(
+        "  rfh-trace peak RSS:         {:8.1} MiB (max over runs; target <= 64 MiB)",
+        rss[rss.len() - 1]
+    );
 }
 
 fn main() {

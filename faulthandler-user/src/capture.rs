@@ -17,8 +17,13 @@ use thiserror::Error;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/faulthandler"));
 
 /// Tracepoints attached, program name = tracepoint name.
-const TRACEPOINTS: [&str; 5] =
-    ["signal_deliver", "sched_process_fork", "sched_process_exec", "sched_process_exit", "sys_exit"];
+const TRACEPOINTS: [&str; 5] = [
+    "signal_deliver",
+    "sched_process_fork",
+    "sched_process_exec",
+    "sched_process_exit",
+    "sys_exit",
+];
 
 #[derive(Debug, Error)]
 pub enum CaptureError {
@@ -68,11 +73,18 @@ impl Capture {
     pub fn start(opts: &CaptureOptions) -> Result<Self, CaptureError> {
         // Kernels >= 5.11 charge BPF memory to the memcg, so failing to
         // raise RLIMIT_MEMLOCK (no CAP_SYS_RESOURCE) is harmless.
-        let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        let rlim = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 
         let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
-            if is_permission_error(&e) { CaptureError::NotPermitted(e) } else { CaptureError::Load(e) }
+            if is_permission_error(&e) {
+                CaptureError::NotPermitted(e)
+            } else {
+                CaptureError::Load(e)
+            }
         })?;
         let config = Config {
             flags: if opts.all { CFG_ALL } else { 0 } | if opts.follow { CFG_FOLLOW } else { 0 },
@@ -80,35 +92,57 @@ impl Capture {
             signal_mask: opts.signal_mask,
             offsets: opts.offsets,
         };
-        let mut cfg: Array<_, Config> = Array::try_from(map(&mut ebpf, "CONFIG")?)
-            .map_err(|source| CaptureError::Map { name: "CONFIG", source })?;
-        cfg.set(0, config, 0).map_err(|source| CaptureError::Map { name: "CONFIG", source })?;
+        let mut cfg: Array<_, Config> =
+            Array::try_from(map(&mut ebpf, "CONFIG")?).map_err(|source| CaptureError::Map {
+                name: "CONFIG",
+                source,
+            })?;
+        cfg.set(0, config, 0).map_err(|source| CaptureError::Map {
+            name: "CONFIG",
+            source,
+        })?;
 
         for name in TRACEPOINTS {
             let prog: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .ok_or(CaptureError::MissingProgram(name))?
-                
                 .try_into()
                 .map_err(program_error(name))?;
             prog.load().map_err(program_error(name))?;
             prog.attach(name).map_err(program_error(name))?;
         }
-        let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(CaptureError::MissingMap("EVENTS"))?)
-            .map_err(|source| CaptureError::Map { name: "EVENTS", source })?;
+        let events = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .ok_or(CaptureError::MissingMap("EVENTS"))?,
+        )
+        .map_err(|source| CaptureError::Map {
+            name: "EVENTS",
+            source,
+        })?;
         Ok(Self { ebpf, events })
     }
 
     /// Adds a process to the in-kernel watch set.
     pub fn watch(&mut self, tgid: u32) -> Result<(), CaptureError> {
         let mut watched: HashMap<_, u32, u8> = HashMap::try_from(map(&mut self.ebpf, "WATCHED")?)
-            .map_err(|source| CaptureError::Map { name: "WATCHED", source })?;
-        watched.insert(tgid, 1, 0).map_err(|source| CaptureError::Map { name: "WATCHED", source })
+            .map_err(|source| CaptureError::Map {
+            name: "WATCHED",
+            source,
+        })?;
+        watched
+            .insert(tgid, 1, 0)
+            .map_err(|source| CaptureError::Map {
+                name: "WATCHED",
+                source,
+            })
     }
 
     pub fn unwatch(&mut self, tgid: u32) {
         if let Ok(mut watched) = map(&mut self.ebpf, "WATCHED").and_then(|m| {
-            HashMap::<_, u32, u8>::try_from(m).map_err(|source| CaptureError::Map { name: "WATCHED", source })
+            HashMap::<_, u32, u8>::try_from(m).map_err(|source| CaptureError::Map {
+                name: "WATCHED",
+                source,
+            })
         }) {
             // Already gone is fine: the process may never have been added.
             let _ = watched.remove(&tgid);
@@ -116,8 +150,16 @@ impl Capture {
     }
 
     /// Waits up to `timeout` for records, then hands each one to `f`.
-    pub fn poll(&mut self, timeout: Duration, mut f: impl FnMut(&[u8])) -> Result<usize, CaptureError> {
-        let mut pfd = libc::pollfd { fd: self.events.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    pub fn poll(
+        &mut self,
+        timeout: Duration,
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<usize, CaptureError> {
+        let mut pfd = libc::pollfd {
+            fd: self.events.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
         if r < 0 {
             let e = std::io::Error::last_os_error();

@@ -4,7 +4,8 @@
 use std::mem::size_of;
 
 use faulthandler_common::{
-    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_MMAP, EVENT_SIGNAL, EventHeader, ProcEvent, STACK_MAX, SignalEvent,
+    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_MMAP, EVENT_SIGNAL, EventHeader, ProcEvent,
+    STACK_MAX, SignalEvent,
 };
 use thiserror::Error;
 
@@ -48,7 +49,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let need = |min: usize| {
         let len = header.len as usize;
         if len < min || len > bytes.len() {
-            Err(DecodeError::Length { kind: header.kind, len: header.len, have: bytes.len() })
+            Err(DecodeError::Length {
+                kind: header.kind,
+                len: header.len,
+                have: bytes.len(),
+            })
         } else {
             Ok(len)
         }
@@ -59,7 +64,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let event: SignalEvent = read(bytes);
             let stack_len = event.stack_len as usize;
             if stack_len > STACK_MAX || size_of::<SignalEvent>() + stack_len != len {
-                return Err(DecodeError::Length { kind: header.kind, len: header.len, have: bytes.len() });
+                return Err(DecodeError::Length {
+                    kind: header.kind,
+                    len: header.len,
+                    have: bytes.len(),
+                });
             }
             let stack = bytes[size_of::<SignalEvent>()..len].to_vec();
             Ok(Event::Signal(Box::new(SignalCapture { event, stack })))
@@ -87,7 +96,7 @@ pub fn c_str(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use faulthandler_common::{SignalRecord, REG_SP};
+    use faulthandler_common::{REG_SP, SignalRecord};
 
     fn as_bytes<T>(v: &T) -> &[u8] {
         unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
@@ -97,7 +106,10 @@ mod tests {
     #[test]
     fn signal_round_trip() {
         let mut rec: Box<SignalRecord> = unsafe { Box::new(std::mem::zeroed()) };
-        rec.event.header = EventHeader { kind: EVENT_SIGNAL, len: (size_of::<SignalEvent>() + 24) as u32 };
+        rec.event.header = EventHeader {
+            kind: EVENT_SIGNAL,
+            len: (size_of::<SignalEvent>() + 24) as u32,
+        };
         rec.event.pid = 42;
         rec.event.sig = 11;
         rec.event.addr = 0xdead;
@@ -105,7 +117,9 @@ mod tests {
         rec.event.stack_len = 24;
         rec.event.comm[..4].copy_from_slice(b"prog");
         rec.stack[..24].copy_from_slice(&[7; 24]);
-        let Event::Signal(s) = decode(as_bytes(&*rec)).unwrap() else { panic!("not a signal") };
+        let Event::Signal(s) = decode(as_bytes(&*rec)).unwrap() else {
+            panic!("not a signal")
+        };
         assert_eq!((s.event.pid, s.event.sig, s.event.addr), (42, 11, 0xdead));
         assert_eq!(s.stack, vec![7; 24]);
         assert_eq!(c_str(&s.event.comm), "prog");
@@ -115,24 +129,38 @@ mod tests {
     fn rejects_bad_lengths() {
         assert_eq!(decode(&[1, 0, 0]).err(), Some(DecodeError::Short(3)));
         let mut rec: Box<SignalRecord> = unsafe { Box::new(std::mem::zeroed()) };
-        rec.event.header = EventHeader { kind: EVENT_SIGNAL, len: size_of::<SignalEvent>() as u32 };
+        rec.event.header = EventHeader {
+            kind: EVENT_SIGNAL,
+            len: size_of::<SignalEvent>() as u32,
+        };
         rec.event.stack_len = 8; // disagrees with header.len
-        assert!(matches!(decode(as_bytes(&*rec)), Err(DecodeError::Length { .. })));
+        assert!(matches!(
+            decode(as_bytes(&*rec)),
+            Err(DecodeError::Length { .. })
+        ));
         let short = &as_bytes(&*rec)[..100];
         assert!(matches!(decode(short), Err(DecodeError::Length { .. })));
-        let ev = ProcEvent { header: EventHeader { kind: 99, len: 40 }, ..Default::default() };
+        let ev = ProcEvent {
+            header: EventHeader { kind: 99, len: 40 },
+            ..Default::default()
+        };
         assert_eq!(decode(as_bytes(&ev)).err(), Some(DecodeError::Kind(99)));
     }
 
     #[test]
     fn proc_event() {
         let ev = ProcEvent {
-            header: EventHeader { kind: EVENT_FORK, len: size_of::<ProcEvent>() as u32 },
+            header: EventHeader {
+                kind: EVENT_FORK,
+                len: size_of::<ProcEvent>() as u32,
+            },
             pid: 5,
             arg: 6,
             ..Default::default()
         };
-        let Event::Fork(f) = decode(as_bytes(&ev)).unwrap() else { panic!("not a fork") };
+        let Event::Fork(f) = decode(as_bytes(&ev)).unwrap() else {
+            panic!("not a fork")
+        };
         assert_eq!((f.pid, f.arg), (5, 6));
     }
 }

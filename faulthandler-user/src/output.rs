@@ -217,9 +217,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nope").join("report.txt");
         let err = open(&path).unwrap_err();
-        let expected = format!("cannot write to {} (choose a writable --output path)", path.display());
+        let expected = format!(
+            "cannot write to {} (choose a writable --output path)",
+            path.display()
+        );
         assert_eq!(err.to_string(), expected);
         let cause = std::error::Error::source(&err).map(|s| s.to_string());
-        assert_eq!(cause.as_deref(), Some("No such file or directory (os error 2)"));
+        assert_eq!(
+            cause.as_deref(),
+            Some("No such file or directory (os error 2)")
+        );
     }
 }

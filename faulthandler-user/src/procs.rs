@@ -82,7 +82,10 @@ fn parse_maps_line(line: &str) -> Option<MapsLine<'_>> {
         start: u64::from_str_radix(s, 16).ok()?,
         end: u64::from_str_radix(e, 16).ok()?,
         offset,
-        dev: mkdev(u64::from_str_radix(maj, 16).ok()?, u64::from_str_radix(min, 16).ok()?),
+        dev: mkdev(
+            u64::from_str_radix(maj, 16).ok()?,
+            u64::from_str_radix(min, 16).ok()?,
+        ),
         ino,
         path,
     })
@@ -105,10 +108,14 @@ impl Tracker {
         let maps = fs::read_to_string(proc_dir.join("maps"))?;
         let mut modules = Vec::new();
         for line in maps.lines() {
-            let Some(m) = parse_maps_line(line) else { continue };
+            let Some(m) = parse_maps_line(line) else {
+                continue;
+            };
             let key = (m.dev, m.ino);
             if !self.files.contains_key(&key) {
-                let Some(f) = open_mapped(&proc_dir, &m) else { continue };
+                let Some(f) = open_mapped(&proc_dir, &m) else {
+                    continue;
+                };
                 self.files.insert(key, f);
             }
             let f = &self.files[&key];
@@ -123,25 +130,38 @@ impl Tracker {
         }
         let status = fs::read_to_string(proc_dir.join("status")).unwrap_or_default();
         let field = |name: &str| {
-            status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.split_whitespace().collect::<Vec<_>>())
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>())
         };
         let info = ProcInfo {
             pid,
             ns_pid: field("NSpid:").and_then(|v| v.last()?.parse().ok()),
-            comm: fs::read_to_string(proc_dir.join("comm")).ok().map(|c| c.trim_end().to_string()),
-            exe: fs::read_link(proc_dir.join("exe"))
+            comm: fs::read_to_string(proc_dir.join("comm"))
                 .ok()
-                .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_string()),
-            cmdline: fs::read(proc_dir.join("cmdline")).ok().filter(|c| !c.is_empty()).map(|c| {
-                c.split(|&b| b == 0)
-                    .filter(|s| !s.is_empty())
-                    .map(|s| String::from_utf8_lossy(s).into_owned())
-                    .collect()
+                .map(|c| c.trim_end().to_string()),
+            exe: fs::read_link(proc_dir.join("exe")).ok().map(|p| {
+                p.to_string_lossy()
+                    .trim_end_matches(" (deleted)")
+                    .to_string()
             }),
+            cmdline: fs::read(proc_dir.join("cmdline"))
+                .ok()
+                .filter(|c| !c.is_empty())
+                .map(|c| {
+                    c.split(|&b| b == 0)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| String::from_utf8_lossy(s).into_owned())
+                        .collect()
+                }),
             uid: field("Uid:").and_then(|v| v.first()?.parse().ok()),
             cgroup: fs::read_to_string(proc_dir.join("cgroup"))
                 .ok()
-                .and_then(|c| c.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string))),
+                .and_then(|c| {
+                    c.lines()
+                        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+                }),
             modules,
         };
         self.procs.insert(pid, info);
@@ -152,23 +172,39 @@ impl Tracker {
     /// was read from /proc ahead of time, completed by the mappings the
     /// kernel resolved at signal time for anything that was missed.
     pub fn modules_for(&self, pid: u32, vmas: &[Vma]) -> Vec<Module> {
-        let mut modules = self.procs.get(&pid).map(|p| p.modules.clone()).unwrap_or_default();
+        let mut modules = self
+            .procs
+            .get(&pid)
+            .map(|p| p.modules.clone())
+            .unwrap_or_default();
         for v in vmas {
             const VM_EXEC: u32 = 4;
-            if v.vm_flags & VM_EXEC == 0 || v.ino == 0 || modules.iter().any(|m| m.contains(v.start)) {
+            if v.vm_flags & VM_EXEC == 0
+                || v.ino == 0
+                || modules.iter().any(|m| m.contains(v.start))
+            {
                 continue;
             }
             let key = (v.dev as u64, v.ino);
-            let found = self.files.get(&key).map(|f| (f.open_path(), f.name.clone(), f.build_id.clone())).or_else(
-                || {
+            let found = self
+                .files
+                .get(&key)
+                .map(|f| (f.open_path(), f.name.clone(), f.build_id.clone()))
+                .or_else(|| {
                     let exe = self.procs.get(&pid).and_then(|p| p.exe.clone());
                     let path = find_by_identity(&c_str(&v.name), key, exe.as_deref())?;
                     let build_id = File::open(&path).ok().and_then(|mut f| build_id(&mut f));
                     Some((path.clone(), path.to_string_lossy().into_owned(), build_id))
-                },
-            );
+                });
             if let Some((open_path, name, build_id)) = found {
-                modules.push(Module { open_path, name, start: v.start, end: v.end, file_offset: v.file_offset, build_id });
+                modules.push(Module {
+                    open_path,
+                    name,
+                    start: v.start,
+                    end: v.end,
+                    file_offset: v.file_offset,
+                    build_id,
+                });
             }
         }
         modules
@@ -180,26 +216,30 @@ impl Tracker {
 /// `libpod-<id>.scope`) and cgroupfs's `/docker/<id>`.
 pub fn container_id(cgroup: &str) -> Option<String> {
     let is_id = |s: &str| s.len() >= 12 && s.bytes().all(|b| b.is_ascii_hexdigit());
-    cgroup.rsplit('/').find_map(|part| {
-        let scoped = part.strip_suffix(".scope").and_then(|p| {
-            ["docker-", "cri-containerd-", "crio-", "libpod-"].iter().find_map(|pre| p.strip_prefix(pre))
-        });
-        match scoped {
-            Some(id) if is_id(id) => Some(id.to_string()),
-            _ => None,
-        }
-    })
-    .or_else(|| {
-        let mut parts = cgroup.split('/').peekable();
-        while let Some(p) = parts.next() {
-            if p == "docker" {
-                if let Some(id) = parts.peek().filter(|id| is_id(id)) {
-                    return Some(id.to_string());
+    cgroup
+        .rsplit('/')
+        .find_map(|part| {
+            let scoped = part.strip_suffix(".scope").and_then(|p| {
+                ["docker-", "cri-containerd-", "crio-", "libpod-"]
+                    .iter()
+                    .find_map(|pre| p.strip_prefix(pre))
+            });
+            match scoped {
+                Some(id) if is_id(id) => Some(id.to_string()),
+                _ => None,
+            }
+        })
+        .or_else(|| {
+            let mut parts = cgroup.split('/').peekable();
+            while let Some(p) = parts.next() {
+                if p == "docker" {
+                    if let Some(id) = parts.peek().filter(|id| is_id(id)) {
+                        return Some(id.to_string());
+                    }
                 }
             }
-        }
-        None
-    })
+            None
+        })
 }
 
 fn open_mapped(proc_dir: &Path, m: &MapsLine) -> Option<OpenFile> {
@@ -209,7 +249,11 @@ fn open_mapped(proc_dir: &Path, m: &MapsLine) -> Option<OpenFile> {
         .or_else(|_| File::open(proc_dir.join("root").join(name.trim_start_matches('/'))))
         .ok()?;
     let build_id = build_id(&mut file);
-    Some(OpenFile { file, name: name.to_string(), build_id })
+    Some(OpenFile {
+        file,
+        name: name.to_string(),
+        build_id,
+    })
 }
 
 /// Finds a file by the dentry name the kernel saw and its (dev, inode),
@@ -222,7 +266,14 @@ fn find_by_identity(name: &str, (dev, ino): (u64, u64), exe: Option<&str>) -> Op
     if let Some(exe) = exe {
         candidates.push(PathBuf::from(exe));
     }
-    for dir in ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"] {
+    for dir in [
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib64",
+        "/usr/lib64",
+        "/lib",
+        "/usr/lib",
+    ] {
         candidates.push(Path::new(dir).join(name));
     }
     candidates.into_iter().find(|p| {
@@ -246,8 +297,10 @@ pub fn build_id(file: &mut File) -> Option<Vec<u8>> {
         return None;
     }
     let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
-    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
-    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+    let u32_at =
+        |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
+    let u64_at =
+        |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
     let phoff = u64_at(&ehdr, 32);
     let (phentsize, phnum) = (u16_at(&ehdr, 54), u16_at(&ehdr, 56));
     if phentsize < 56 || phnum > 256 {
@@ -266,7 +319,11 @@ pub fn build_id(file: &mut File) -> Option<Vec<u8>> {
         file.read_exact(&mut notes).ok()?;
         let mut p = 0;
         while p + 12 <= notes.len() {
-            let (namesz, descsz, ty) = (u32_at(&notes, p) as usize, u32_at(&notes, p + 4) as usize, u32_at(&notes, p + 8));
+            let (namesz, descsz, ty) = (
+                u32_at(&notes, p) as usize,
+                u32_at(&notes, p + 4) as usize,
+                u32_at(&notes, p + 8),
+            );
             let name_end = p + 12 + namesz.next_multiple_of(4);
             let desc_end = name_end + descsz.next_multiple_of(4);
             if desc_end > notes.len() {
@@ -289,7 +346,10 @@ mod tests {
     fn maps_lines() {
         let l = "7f1c2a028000-7f1c2a1bd000 r-xp 00028000 fd:01 1835263                    /usr/lib/x86_64-linux-gnu/libc.so.6";
         let m = parse_maps_line(l).unwrap();
-        assert_eq!((m.start, m.end, m.offset, m.ino), (0x7f1c2a028000, 0x7f1c2a1bd000, 0x28000, 1835263));
+        assert_eq!(
+            (m.start, m.end, m.offset, m.ino),
+            (0x7f1c2a028000, 0x7f1c2a1bd000, 0x28000, 1835263)
+        );
         assert_eq!(m.dev, (0xfd << 20) | 1);
         assert_eq!(m.path, "/usr/lib/x86_64-linux-gnu/libc.so.6");
         assert!(parse_maps_line("7ffd-7ffe r-xp 00000000 00:00 0  [vdso]").is_none());
@@ -301,15 +361,27 @@ mod tests {
     #[test]
     fn container_ids_from_real_cgroup_paths() {
         let id = "3f4c0b8e9a1d2c3b4a5f6e7d8c9b0a1f2e3d4c5b6a7f8e9d0c1b2a3f4e5d6c7b";
-        assert_eq!(container_id(&format!("/system.slice/docker-{id}.scope")).as_deref(), Some(id));
+        assert_eq!(
+            container_id(&format!("/system.slice/docker-{id}.scope")).as_deref(),
+            Some(id)
+        );
         assert_eq!(
             container_id(&format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/cri-containerd-{id}.scope")).as_deref(),
             Some(id)
         );
-        assert_eq!(container_id(&format!("/kubepods.slice/kubepods-pod9.slice/crio-{id}.scope")).as_deref(), Some(id));
+        assert_eq!(
+            container_id(&format!(
+                "/kubepods.slice/kubepods-pod9.slice/crio-{id}.scope"
+            ))
+            .as_deref(),
+            Some(id)
+        );
         assert_eq!(container_id(&format!("/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{id}.scope/container")).as_deref(), Some(id));
         assert_eq!(container_id(&format!("/docker/{id}")).as_deref(), Some(id));
-        assert_eq!(container_id("/user.slice/user-1000.slice/session-2.scope"), None);
+        assert_eq!(
+            container_id("/user.slice/user-1000.slice/session-2.scope"),
+            None
+        );
         assert_eq!(container_id("/"), None);
     }
 

@@ -78,7 +78,8 @@ pub fn hex(v: u64) -> String {
 
 impl Report {
     pub fn to_json(&self) -> String {
-        let mut s = serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+        let mut s =
+            serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
         s.push('\n');
         s
     }
@@ -86,7 +87,11 @@ impl Report {
     /// faulthandler-style text: a header naming the signal and process,
     /// then each thread's frames, most recent call first.
     pub fn to_text(&self, color: bool) -> String {
-        let (bold, dim, reset) = if color { ("\x1b[1m", "\x1b[2m", "\x1b[0m") } else { ("", "", "") };
+        let (bold, dim, reset) = if color {
+            ("\x1b[1m", "\x1b[2m", "\x1b[0m")
+        } else {
+            ("", "", "")
+        };
         let mut out = String::new();
         let p = &self.process;
         match (&self.signal, self.kind) {
@@ -96,7 +101,13 @@ impl Report {
                     let _ = write!(out, " ({d})");
                 }
                 let _ = write!(out, "{reset}");
-                let _ = write!(out, ", code {}", sig.code_name.map(str::to_string).unwrap_or(sig.code.to_string()));
+                let _ = write!(
+                    out,
+                    ", code {}",
+                    sig.code_name
+                        .map(str::to_string)
+                        .unwrap_or(sig.code.to_string())
+                );
                 if let Some(d) = sig.code_description {
                     let _ = write!(out, " ({d})");
                 }
@@ -124,11 +135,19 @@ impl Report {
         }
         let _ = writeln!(out, " on {} at {}", self.host, self.time);
         if self.lost_events > 0 {
-            let _ = writeln!(out, "warning: {} events were lost before this report", self.lost_events);
+            let _ = writeln!(
+                out,
+                "warning: {} events were lost before this report",
+                self.lost_events
+            );
         }
         for t in &self.threads {
             out.push('\n');
-            let which = if t.current { "Current thread" } else { "Thread" };
+            let which = if t.current {
+                "Current thread"
+            } else {
+                "Thread"
+            };
             let _ = write!(out, "{which} {} \"{}\"", t.tid, t.name);
             if let Some(ns) = t.ns_tid {
                 let _ = write!(out, " (tid {ns} in its namespace)");
@@ -205,7 +224,13 @@ mod tests {
     #[test]
     fn rfc3339_known_instants() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(rfc3339(1_700_000_000_123_456_789), "2023-11-14T22:13:20.123456Z");
-        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339(1_700_000_000_123_456_789),
+            "2023-11-14T22:13:20.123456Z"
+        );
+        assert_eq!(
+            rfc3339(951_782_400_000_000_000),
+            "2000-02-29T00:00:00.000000Z"
+        );
     }
 }

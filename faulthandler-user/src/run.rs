@@ -1,12 +1,7 @@
 //! Start-up checks, the three watch modes (`-- COMMAND`, `--pid`, `--all`)
 //! and the child process for `-- COMMAND`.
 
-use std::{
-    ffi::CString,
-    io::IsTerminal,
-    sync::atomic::Ordering,
-    time::Duration,
-};
+use std::{ffi::CString, io::IsTerminal, sync::atomic::Ordering, time::Duration};
 
 use thiserror::Error;
 
@@ -65,11 +60,14 @@ fn privileged() -> bool {
 }
 
 fn check_pid(pid: i64) -> Result<u32, RunError> {
-    let Ok(p) = u32::try_from(pid) else { return Err(RunError::NoSuchPid(pid)) };
+    let Ok(p) = u32::try_from(pid) else {
+        return Err(RunError::NoSuchPid(pid));
+    };
     if p == 0 {
         return Err(RunError::NoSuchPid(pid));
     }
-    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).map_err(|_| RunError::NoSuchPid(pid))?;
+    let stat =
+        std::fs::read_to_string(format!("/proc/{p}/stat")).map_err(|_| RunError::NoSuchPid(pid))?;
     // Field 9 (flags) after the parenthesised comm; PF_KTHREAD = 0x00200000.
     let flags: u64 = stat
         .rsplit_once(')')
@@ -85,7 +83,10 @@ fn signal_mask(names: &[String]) -> Result<u64, RunError> {
     let sigs: Vec<i32> = if names.is_empty() {
         signals::DEFAULT_FATAL.to_vec()
     } else {
-        names.iter().map(|n| signals::parse(n)).collect::<Result<_, _>>()?
+        names
+            .iter()
+            .map(|n| signals::parse(n))
+            .collect::<Result<_, _>>()?
     };
     Ok(sigs.iter().fold(0u64, |m, &s| m | (1u64 << s)))
 }
@@ -105,7 +106,11 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
     }
     // Validate everything the user typed before touching the kernel.
     let mask = signal_mask(&cli.signals)?;
-    let pids = cli.pids.iter().map(|&p| check_pid(p)).collect::<Result<Vec<_>, _>>()?;
+    let pids = cli
+        .pids
+        .iter()
+        .map(|&p| check_pid(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let sink = match &cli.output {
         Some(path) => Sink::File(output::open(path)?),
         None => Sink::Stderr,
@@ -121,11 +126,17 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
         stack_size: cli.stack_size,
         offsets,
     })?;
-    let color = cli.output.is_none() && std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let color = cli.output.is_none()
+        && std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none();
     let mut w = Watcher::new(
         capture,
         sink,
-        WatchOptions { json: cli.format == Format::Json, color, max_frames: cli.max_frames },
+        WatchOptions {
+            json: cli.format == Format::Json,
+            color,
+            max_frames: cli.max_frames,
+        },
     );
     unsafe {
         libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
@@ -160,7 +171,10 @@ fn sudo_ids() -> Option<(libc::uid_t, libc::gid_t)> {
 }
 
 fn run_command(w: &mut Watcher, command: &[String]) -> Result<i32, RunError> {
-    let spawn_err = |source| RunError::Spawn { cmd: command[0].clone(), source };
+    let spawn_err = |source| RunError::Spawn {
+        cmd: command[0].clone(),
+        source,
+    };
     let args: Vec<CString> = command
         .iter()
         .map(|a| CString::new(a.as_bytes()))
@@ -171,8 +185,11 @@ fn run_command(w: &mut Watcher, command: &[String]) -> Result<i32, RunError> {
     let ids = sudo_ids();
     // Supplementary groups must be looked up before fork: getgrouplist is
     // not async-signal-safe.
-    let groups = ids.map(|(uid, gid)| supplementary_groups(uid, gid)).unwrap_or_default();
-    let not_found = CString::new(format!("rfh-trace: {}: command not found\n", command[0])).unwrap_or_default();
+    let groups = ids
+        .map(|(uid, gid)| supplementary_groups(uid, gid))
+        .unwrap_or_default();
+    let not_found =
+        CString::new(format!("rfh-trace: {}: command not found\n", command[0])).unwrap_or_default();
 
     let mut go = [0i32; 2];
     if unsafe { libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -201,7 +218,11 @@ fn run_command(w: &mut Watcher, command: &[String]) -> Result<i32, RunError> {
                 }
             }
             libc::execvp(argv[0], argv.as_ptr());
-            let code = if *libc::__errno_location() == libc::ENOENT { 127 } else { 126 };
+            let code = if *libc::__errno_location() == libc::ENOENT {
+                127
+            } else {
+                126
+            };
             libc::write(2, not_found.as_ptr().cast(), not_found.as_bytes().len());
             libc::_exit(code);
         }

@@ -48,7 +48,10 @@ pub struct Watcher {
 }
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
@@ -57,7 +60,13 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
 fn default_is_harmless(sig: i32) -> bool {
     matches!(
         sig,
-        libc::SIGCHLD | libc::SIGCONT | libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU | libc::SIGURG
+        libc::SIGCHLD
+            | libc::SIGCONT
+            | libc::SIGSTOP
+            | libc::SIGTSTP
+            | libc::SIGTTIN
+            | libc::SIGTTOU
+            | libc::SIGURG
             | libc::SIGWINCH
     )
 }
@@ -142,17 +151,18 @@ impl Watcher {
             // The process's own handler runs; survival is not a crash.
             // A re-raise from inside that handler must not replace the
             // original fault.
-            let keep_old =
-                self.pending.get(&ev.pid).is_some_and(|p| p.event.sig == ev.sig && signals::user_sent(ev.code));
+            let keep_old = self
+                .pending
+                .get(&ev.pid)
+                .is_some_and(|p| p.event.sig == ev.sig && signals::user_sent(ev.code));
             if !keep_old {
                 self.pending.insert(ev.pid, s);
             }
             return;
         }
-        let original = self
-            .pending
-            .remove(&ev.pid)
-            .filter(|p| p.event.sig == ev.sig && (signals::user_sent(ev.code) || p.event.addr == ev.addr));
+        let original = self.pending.remove(&ev.pid).filter(|p| {
+            p.event.sig == ev.sig && (signals::user_sent(ev.code) || p.event.addr == ev.addr)
+        });
         let handled = original.is_some();
         let capture = original.unwrap_or(s);
         let report = self.crash_report(&capture, handled);
@@ -160,7 +170,11 @@ impl Watcher {
     }
 
     fn emit(&mut self, report: &Report) {
-        let text = if self.json { report.to_json() } else { report.to_text(self.color) };
+        let text = if self.json {
+            report.to_json()
+        } else {
+            report.to_text(self.color)
+        };
         if let Err(e) = self.sink.write_report(&text) {
             eprintln!("rfh-trace: cannot write report: {e}");
         }
@@ -180,7 +194,9 @@ impl Watcher {
             code_name: signals::code_name(sig, ev.code),
             code_description: signals::code_description(sig, ev.code),
             address: signals::is_fault(sig, ev.code).then(|| report::hex(ev.addr)),
-            sender_pid: signals::user_sent(ev.code).then_some(ev.sender_pid).filter(|&p| p > 0),
+            sender_pid: signals::user_sent(ev.code)
+                .then_some(ev.sender_pid)
+                .filter(|&p| p > 0),
             handled,
         };
         let ns_pid = (ev.ns_pid != 0 && ev.ns_pid != ev.pid).then_some(ev.ns_pid);
@@ -222,15 +238,27 @@ impl Watcher {
         }
         let nvmas = (ev.nvmas as usize).min(ev.vmas.len());
         let modules = self.tracker.modules_for(ev.pid, &ev.vmas[..nvmas]);
-        let regs = Regs { ip: ev.regs[REG_IP], sp: ev.regs[REG_SP], bp: ev.regs[REG_BP] };
-        let stack = StackCopy { base: regs.sp, bytes: &s.stack };
-        let unwound = self.unwinder.unwind(&regs, &stack, &modules, self.max_frames);
+        let regs = Regs {
+            ip: ev.regs[REG_IP],
+            sp: ev.regs[REG_SP],
+            bp: ev.regs[REG_BP],
+        };
+        let stack = StackCopy {
+            base: regs.sp,
+            bytes: &s.stack,
+        };
+        let unwound = self
+            .unwinder
+            .unwind(&regs, &stack, &modules, self.max_frames);
         t.frames = self.symbolizer.symbolize(&unwound.addrs, &modules);
         t.truncated = unwound.truncated;
         t.unwind = Some(unwound.method.as_str());
         t.error = unwound.error;
         if s.event.stack_err != 0 && s.stack.is_empty() {
-            t.error = Some(format!("could not copy the user stack (error {})", s.event.stack_err));
+            t.error = Some(format!(
+                "could not copy the user stack (error {})",
+                s.event.stack_err
+            ));
         }
         t
     }

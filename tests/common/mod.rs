@@ -21,7 +21,11 @@ pub fn programs_dir() -> PathBuf {
 /// Integration tests load real eBPF programs: that needs root. CI runs
 /// them as root, so not being root is a failure, not a skip.
 pub fn require_root() {
-    assert_eq!(unsafe { libc::geteuid() }, 0, "integration tests need root: run `cargo xtask test` (it uses sudo)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "integration tests need root: run `cargo xtask test` (it uses sudo)"
+    );
 }
 
 pub struct Built {
@@ -33,9 +37,19 @@ pub struct Built {
 /// Compiles tests/programs/`name` with the compiler its extension asks
 /// for, into a fresh temp dir readable by any user.
 pub fn build(name: &str, flags: &[&str]) -> Built {
-    let source = programs_dir().join(name).canonicalize().expect("test program source");
-    let dir = tempfile::Builder::new().prefix("rfh-test-").tempdir().expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let source = programs_dir()
+        .join(name)
+        .canonicalize()
+        .expect("test program source");
+    let dir = tempfile::Builder::new()
+        .prefix("rfh-test-")
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let stem = Path::new(name).file_stem().unwrap().to_str().unwrap();
     let exe = dir.path().join(stem);
     let mut cmd = match Path::new(name).extension().and_then(|e| e.to_str()) {
@@ -50,7 +64,11 @@ pub fn build(name: &str, flags: &[&str]) -> Built {
     };
     cmd.args(flags).arg(&source).arg("-o").arg(&exe);
     let out = cmd.output().expect("run compiler");
-    assert!(out.status.success(), "compiling {name} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "compiling {name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Built { dir, exe, source }
 }
 
@@ -58,7 +76,10 @@ pub fn build(name: &str, flags: &[&str]) -> Built {
 pub fn line_of(source: &Path, tag: &str) -> u32 {
     let text = std::fs::read_to_string(source).unwrap();
     let needle = format!("MARK:{tag}");
-    let idx = text.lines().position(|l| l.contains(&needle)).unwrap_or_else(|| panic!("no {needle}"));
+    let idx = text
+        .lines()
+        .position(|l| l.contains(&needle))
+        .unwrap_or_else(|| panic!("no {needle}"));
     idx as u32 + 1
 }
 
@@ -73,7 +94,11 @@ pub struct Run {
 pub fn trace(extra: &[&str], command: &[&str]) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let out_path = dir.path().join("reports.jsonl");
-    let Output { status, stdout, stderr } = Command::new(rfh_trace())
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = Command::new(rfh_trace())
         .args(["--format", "json", "--output"])
         .arg(&out_path)
         .args(extra)
@@ -84,7 +109,9 @@ pub fn trace(extra: &[&str], command: &[&str]) -> Run {
     let text = std::fs::read_to_string(&out_path).unwrap_or_default();
     let reports: Vec<Value> = text
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("report is not JSON ({e}): {l}")))
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("report is not JSON ({e}): {l}"))
+        })
         .collect();
     for r in &reports {
         validate(r);
@@ -107,12 +134,24 @@ fn schema() -> &'static jsonschema::Validator {
 }
 
 pub fn validate(report: &Value) {
-    let errors: Vec<String> = schema().iter_errors(report).map(|e| format!("{e} at {}", e.instance_path)).collect();
-    assert!(errors.is_empty(), "report violates report.schema.json: {errors:?}\n{report:#}");
+    let errors: Vec<String> = schema()
+        .iter_errors(report)
+        .map(|e| format!("{e} at {}", e.instance_path))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "report violates report.schema.json: {errors:?}\n{report:#}"
+    );
 }
 
 pub fn only_report(run: &Run) -> &Value {
-    assert_eq!(run.reports.len(), 1, "expected exactly one report; stderr:\n{}\nreports: {:#?}", run.stderr, run.reports);
+    assert_eq!(
+        run.reports.len(),
+        1,
+        "expected exactly one report; stderr:\n{}\nreports: {:#?}",
+        run.stderr,
+        run.reports
+    );
     &run.reports[0]
 }
 
@@ -177,7 +216,9 @@ pub fn frame<'a>(thread: &'a Value, func: &str) -> &'a Value {
 /// Asserts the frame for `func` points at `file`:`line`.
 pub fn assert_line(thread: &Value, func: &str, source: &Path, line: u32) {
     let f = frame(thread, func);
-    let file = f["file"].as_str().unwrap_or_else(|| panic!("no file for {func}: {f}"));
+    let file = f["file"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no file for {func}: {f}"));
     let name = source.file_name().unwrap().to_str().unwrap();
     assert!(file.ends_with(name), "{func} is in {file}, expected {name}");
     assert_eq!(f["line"], line, "{func} line: {f}");

@@ -26,14 +26,17 @@ __attribute__((noinline)) void illegal(void) {
     __builtin_trap(); /* MARK:ill */
 }
 
+/* Results go through a volatile so no call is a tail call: main stays on the stack. */
+volatile int result;
+
 int main(int argc, char **argv) {
     if (argc < 2)
         return 2;
     if (!strcmp(argv[1], "bus"))
-        return bus_error();
-    if (!strcmp(argv[1], "fpe"))
-        return divide(argc, argc - 2);
-    if (!strcmp(argv[1], "ill"))
+        result = bus_error();
+    else if (!strcmp(argv[1], "fpe"))
+        result = divide(argc, argc - 2);
+    else if (!strcmp(argv[1], "ill"))
         illegal();
-    return 0;
+    return result;
 }
