@@ -122,24 +122,6 @@ fn output_file_is_0600_and_never_a_symlink() {
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
 }
 
-/// IDs of the BPF programs a process holds open, from its fdinfo (this
-/// Debian bpftool cannot show owning pids).
-fn prog_ids_of(pid: u32) -> Vec<u64> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return Vec::new();
-    };
-    let mut ids: Vec<u64> = dir
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
-        })
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
 fn prog_exists(id: u64) -> bool {
     Command::new("bpftool")
         .args(["prog", "show", "id", &id.to_string()])
@@ -157,15 +139,7 @@ fn detaches_on(sig: i32) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let ids = loop {
-        let ids = prog_ids_of(tracer.id());
-        if ids.len() >= 5 || Instant::now() > deadline {
-            break ids;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(ids.len() >= 5, "rfh-trace never attached: {ids:?}");
+    let ids = wait_attached(tracer.id());
     unsafe { libc::kill(tracer.id() as i32, sig) };
     let status = tracer.wait().unwrap();
     if sig == libc::SIGINT {

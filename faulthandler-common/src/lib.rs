@@ -37,10 +37,20 @@ pub const EVENT_EXEC: u32 = 2;
 pub const EVENT_MMAP: u32 = 3;
 pub const EVENT_FORK: u32 = 4;
 pub const EVENT_EXIT: u32 = 5;
+/// A watched process is being killed by a signal that never reaches
+/// `signal_deliver` as itself: a default-action terminating signal that
+/// the kernel turns into a group-wide SIGKILL at generation time (e.g.
+/// `kill -9` when SIGKILL is in `--signals`).
+pub const EVENT_KILLED: u32 = 6;
+/// The OOM killer chose a watched process (`oom:mark_victim`).
+pub const EVENT_OOM: u32 = 7;
 
 /// `SignalEvent::flags` bits.
 pub const SIG_F_HAS_INFO: u32 = 1 << 0;
 pub const SIG_F_HAS_REGS: u32 = 1 << 1;
+/// The group-exit SIGKILL every other thread takes while a process dies:
+/// a sibling's stack at the moment of death, not a signal of its own.
+pub const SIG_F_GROUP_EXIT: u32 = 1 << 2;
 
 /// A file-backed mapping the faulting thread's stack or IP points into,
 /// resolved with `bpf_find_vma` while the process still exists. Userspace
@@ -130,11 +140,38 @@ pub struct ProcEvent {
     pub ktime_ns: u64,
     pub pid: u32,
     pub tid: u32,
-    /// Fork: the child's tgid. Exit: the exit code. Otherwise 0.
+    /// Fork: the child's tgid. Exit: threads left out by the thread cap.
+    /// Killed: the signal number. Otherwise 0.
     pub arg: u32,
-    pub _pad: u32,
-    /// Mmap: start address of the new mapping.
+    /// Killed: the sender's tgid, 0 when the kernel sent it.
+    pub sender: u32,
+    /// Mmap: start address of the new mapping. Killed: the si_code.
     pub addr: u64,
+}
+
+/// A watched process exec'd. `filename` is the path given to execve,
+/// which may be relative to the process's working directory; userspace
+/// uses it to find the executable if the process dies before its
+/// mappings can be read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    pub ktime_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub filename: [u8; EXEC_PATH_LEN],
+}
+
+pub const EXEC_PATH_LEN: usize = 256;
+
+/// Per dying process: how many of its threads were captured at the
+/// group exit, and how many the thread cap left out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Dying {
+    pub threads: u32,
+    pub omitted: u32,
 }
 
 /// `Config::flags` bits.
@@ -143,7 +180,6 @@ pub const CFG_FOLLOW: u32 = 1 << 1;
 
 /// Kernel struct member offsets, read by userspace from
 /// /sys/kernel/btf/vmlinux, because Rust eBPF has no CO-RE relocations.
-/// A zero offset of a pointer-chasing field means "unknown, skip".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
@@ -165,6 +201,10 @@ pub struct KernelOffsets {
     pub inode_i_sb: u32,
     pub sb_s_dev: u32,
     pub dentry_d_name_name: u32,
+    pub task_sighand: u32,
+    pub sighand_action: u32,
+    pub k_sigaction_size: u32,
+    pub binprm_filename: u32,
 }
 
 #[repr(C)]
@@ -175,6 +215,9 @@ pub struct Config {
     pub stack_size: u32,
     /// Bit N set: signal N is captured.
     pub signal_mask: u64,
+    /// Most threads captured per dying process (`--max-threads`).
+    pub max_threads: u32,
+    pub _pad: u32,
     pub offsets: KernelOffsets,
 }
 
@@ -209,8 +252,10 @@ assert_size!(
     core::mem::size_of::<SignalEvent>() + STACK_BUF
 );
 assert_size!(ProcEvent, 40);
-assert_size!(KernelOffsets, 18 * 4);
-assert_size!(Config, 16 + 18 * 4);
+assert_size!(KernelOffsets, 22 * 4);
+assert_size!(Dying, 8);
+assert_size!(ExecEvent, 24 + EXEC_PATH_LEN);
+assert_size!(Config, 24 + 22 * 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -218,4 +263,5 @@ mod pod {
     // integers, and have no implicit padding (checked by the size asserts).
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::Dying {}
 }

@@ -4,13 +4,14 @@
 #![no_std]
 #![no_main]
 
+mod procs;
 mod vma;
 
 use core::{ffi::c_void, mem::size_of, ptr::addr_of_mut};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_F_USER_STACK,
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
@@ -32,8 +33,13 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(WATCH_MAX, 0);
 
+/// tgid → capture state of each watched process that is dying of a
+/// reported signal.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+static DYING: HashMap<u32, Dying> = HashMap::with_max_entries(1024, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(32 * 1024 * 1024, 0);
 
 /// Failed reservations, reported to userspace in the next record.
 #[map]
@@ -81,9 +87,6 @@ unsafe fn read_at<T>(base: *const u8, off: u32) -> Option<T> {
 /// innermost PID namespace.
 #[inline(always)]
 unsafe fn ns_nr(o: &KernelOffsets, task: *const u8) -> u32 {
-    if o.task_thread_pid == 0 || o.upid_size == 0 {
-        return 0;
-    }
     unsafe {
         let Some(pid) = read_at::<*const u8>(task, o.task_thread_pid) else {
             return 0;
@@ -96,6 +99,13 @@ unsafe fn ns_nr(o: &KernelOffsets, task: *const u8) -> u32 {
     }
 }
 
+/// Signals whose default action does not end the process: stop,
+/// continue, or ignore (CHLD, CONT, STOP, TSTP, TTIN, TTOU, URG, WINCH).
+const HARMLESS_DEFAULT: u64 =
+    (1 << 17) | (1 << 18) | (1 << 19) | (1 << 20) | (1 << 21) | (1 << 22) | (1 << 23) | (1 << 28);
+const SIGKILL: u32 = 9;
+const SIG_DFL: u64 = 0;
+
 #[raw_tracepoint(tracepoint = "signal_deliver")]
 pub fn signal_deliver(ctx: RawTracePointContext) -> i32 {
     let _ = try_signal_deliver(&ctx);
@@ -106,16 +116,41 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     let cfg = config()?;
     let sig: u64 = ctx.arg(0);
     let sig = sig as u32;
-    if sig >= 64 || cfg.signal_mask & (1u64 << sig) == 0 {
+    if sig >= 64 {
         return None;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if !watched(cfg, tgid) {
-        return None;
-    }
     let info: *const u8 = ctx.arg(1);
     let ka: *const u8 = ctx.arg(2);
+    // While a process dies, every thread but the one that took the fatal
+    // signal passes through here with the group-exit SIGKILL (info NULL,
+    // SEND_SIG_NOINFO), in its own context and before exit_mm: the only
+    // point where a sibling's user stack can still be read. Such
+    // deliveries are captured only for processes already known to be
+    // dying of something reported, so a plain exit_group costs nothing.
+    let group_exit = sig == SIGKILL && info.is_null();
+    if group_exit {
+        let d = DYING.get_ptr_mut(&tgid)?;
+        unsafe {
+            if (*d).threads >= cfg.max_threads {
+                (*d).omitted += 1;
+                return None;
+            }
+            (*d).threads += 1;
+        }
+    } else if cfg.signal_mask & (1u64 << sig) == 0 || !watched(cfg, tgid) {
+        return None;
+    }
+    let handler = unsafe { read_at::<u64>(ka, 0) }.unwrap_or(0);
+    if !group_exit && handler == SIG_DFL && HARMLESS_DEFAULT & (1u64 << sig) == 0 {
+        // The process dies of this: capture its other threads as they go.
+        let first = Dying {
+            threads: 1,
+            omitted: 0,
+        };
+        let _ = DYING.insert(&tgid, &first, BPF_NOEXIST as u64);
+    }
 
     let Some(mut entry) = EVENTS.reserve::<SignalRecord>(0) else {
         count_lost();
@@ -137,13 +172,9 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
         (*ev).sender_pid = 0;
         (*ev).sender_uid = 0;
         (*ev).addr = 0;
-        (*ev).flags = 0;
+        (*ev).flags = if group_exit { SIG_F_GROUP_EXIT } else { 0 };
         (*ev).lost = take_lost();
-        (*ev).fp_len = 0;
-        (*ev).stack_len = 0;
-        (*ev).stack_err = 0;
-        (*ev).nvmas = 0;
-        // Group-exit SIGKILL is delivered with SEND_SIG_NOINFO (NULL).
+        (*ev).handler = handler;
         if !info.is_null() {
             (*ev).flags |= SIG_F_HAS_INFO;
             (*ev).errno = read_at::<i32>(info, 4).unwrap_or(0);
@@ -156,39 +187,28 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
                 (*ev).addr = read_at::<u64>(info, 16).unwrap_or(0);
             }
         }
-        (*ev).handler = read_at::<u64>(ka, 0).unwrap_or(0);
-        (*ev).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-
         let task = bpf_get_current_task_btf();
-        let o = &cfg.offsets;
-        (*ev).ns_tid = ns_nr(o, task as *const u8);
-        (*ev).ns_pid = match read_at::<*const u8>(task as *const u8, o.task_group_leader) {
-            Some(leader) if o.task_group_leader != 0 => ns_nr(o, leader),
-            _ => 0,
-        };
-
+        fill_task(ev, task as *const u8, &cfg.offsets);
         let regs = bpf_task_pt_regs(task as *mut _) as *const c_void;
         let got = raw_read_kernel(
             addr_of_mut!((*ev).regs) as *mut c_void,
             (PT_REGS_LEN * 8) as u32,
             regs,
         );
-        if got == 0 {
-            (*ev).flags |= SIG_F_HAS_REGS;
-        }
         let n = bpf_get_stack(
             ctx.as_ptr(),
             addr_of_mut!((*ev).fp) as *mut c_void,
             (FP_MAX * 8) as u32,
             BPF_F_USER_STACK as u64,
         );
-        if n > 0 {
-            (*ev).fp_len = (n as u32) / 8;
-        }
+        (*ev).fp_len = if n > 0 { (n as u32) / 8 } else { 0 };
+        (*ev).stack_len = 0;
+        (*ev).stack_err = 0;
+        (*ev).nvmas = 0;
         if got == 0 {
-            let sp = (*ev).regs[REG_SP];
-            copy_stack(rec, sp, cfg.stack_size);
-            vma::capture(task, ev, rec);
+            (*ev).flags |= SIG_F_HAS_REGS;
+            copy_stack(rec, (*ev).regs[REG_SP], cfg.stack_size);
+            vma::capture(task, ev);
         }
         (*ev).header.len = size_of::<SignalEvent>() as u32 + (*ev).stack_len;
     }
@@ -196,9 +216,27 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     Some(())
 }
 
+/// Thread identity: comm, and pid/tid in the task's own PID namespace.
+#[inline(always)]
+unsafe fn fill_task(ev: *mut SignalEvent, task: *const u8, o: &KernelOffsets) {
+    unsafe {
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+        (*ev).ns_tid = ns_nr(o, task);
+        (*ev).ns_pid = match read_at::<*const u8>(task, o.task_group_leader) {
+            Some(leader) => ns_nr(o, leader),
+            None => 0,
+        };
+    }
+}
+
 /// Copies up to `want` bytes of user stack from `sp` upwards, one
 /// page-bounded chunk at a time: a thread stack's top page is often the
 /// last mapped one, and one large read would fail as a whole there.
+///
+/// After a stack overflow SP itself can point into the guard gap, so
+/// unreadable pages before the first readable one are kept as zeros
+/// (the helper zero-fills on failure); the first unreadable page after
+/// readable ones is the top of the stack and ends the copy.
 #[inline(always)]
 unsafe fn copy_stack(rec: *mut SignalRecord, sp: u64, want: u32) {
     let want = if want as usize > STACK_MAX {
@@ -209,6 +247,7 @@ unsafe fn copy_stack(rec: *mut SignalRecord, sp: u64, want: u32) {
     let ev = unsafe { addr_of_mut!((*rec).event) };
     let buf = unsafe { addr_of_mut!((*rec).stack) } as *mut u8;
     let mut off: u32 = 0;
+    let mut copied = false;
     for _ in 0..(STACK_MAX / PAGE_SIZE + 1) {
         if off >= want {
             break;
@@ -228,119 +267,15 @@ unsafe fn copy_stack(rec: *mut SignalRecord, sp: u64, want: u32) {
         };
         if r != 0 {
             unsafe { (*ev).stack_err = r as i32 };
-            break;
+            if copied {
+                break;
+            }
+        } else {
+            copied = true;
         }
         off += chunk;
     }
-    unsafe { (*ev).stack_len = off };
-}
-
-#[inline(always)]
-fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, addr: u64) {
-    let ev = ProcEvent {
-        header: EventHeader {
-            kind,
-            len: size_of::<ProcEvent>() as u32,
-        },
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
-        pid,
-        tid,
-        arg,
-        _pad: 0,
-        addr,
-    };
-    if EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
-        count_lost();
-    }
-}
-
-/// A watched process forking a new process makes the child watched, in
-/// the parent's context and before the child can run, so a child that
-/// crashes at once is still caught.
-#[raw_tracepoint(tracepoint = "sched_process_fork")]
-pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
-    let _ = try_fork(&ctx);
-    0
-}
-
-fn try_fork(ctx: &RawTracePointContext) -> Option<()> {
-    let cfg = config()?;
-    if cfg.flags & CFG_FOLLOW == 0 || cfg.flags & CFG_ALL != 0 {
-        return None;
-    }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    unsafe { WATCHED.get(&tgid) }?;
-    let child: *const u8 = ctx.arg(1);
-    let child_tgid = unsafe { read_at::<u32>(child, cfg.offsets.task_tgid) }?;
-    if child_tgid == tgid {
-        return None; // a new thread, already covered
-    }
-    if WATCHED.insert(&child_tgid, &1, 0).is_err() {
-        count_lost();
-    }
-    emit_proc(EVENT_FORK, tgid, pid_tgid as u32, child_tgid, 0);
-    Some(())
-}
-
-#[raw_tracepoint(tracepoint = "sched_process_exec")]
-pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
-    if let Some(cfg) = config() {
-        let pid_tgid = bpf_get_current_pid_tgid();
-        let tgid = (pid_tgid >> 32) as u32;
-        if watched(cfg, tgid) {
-            emit_proc(EVENT_EXEC, tgid, pid_tgid as u32, 0, 0);
-        }
-    }
-    0
-}
-
-#[raw_tracepoint(tracepoint = "sched_process_exit")]
-pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
-    if let Some(cfg) = config() {
-        let pid_tgid = bpf_get_current_pid_tgid();
-        let tgid = (pid_tgid >> 32) as u32;
-        if tgid == pid_tgid as u32 && watched(cfg, tgid) {
-            emit_proc(EVENT_EXIT, tgid, pid_tgid as u32, 0, 0);
-        }
-    }
-    0
-}
-
-const SYS_MMAP: u64 = 9;
-const PROT_EXEC: u64 = 4;
-/// `struct pt_regs` byte offsets: orig_ax and dx (the third argument).
-const PT_REGS_ORIG_AX: u32 = 15 * 8;
-const PT_REGS_DX: u32 = 12 * 8;
-
-/// An executable mmap in a watched process (a dlopen, or ld.so mapping a
-/// library) tells userspace to refresh its copy of the mappings now,
-/// while the process is alive.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
-    let _ = try_sys_exit(&ctx);
-    0
-}
-
-fn try_sys_exit(ctx: &RawTracePointContext) -> Option<()> {
-    let cfg = config()?;
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if !watched(cfg, tgid) {
-        return None;
-    }
-    let regs: *const u8 = ctx.arg(0);
-    let nr = unsafe { read_at::<u64>(regs, PT_REGS_ORIG_AX) }?;
-    if nr != SYS_MMAP {
-        return None;
-    }
-    let ret: i64 = ctx.arg(1);
-    let prot = unsafe { read_at::<u64>(regs, PT_REGS_DX) }?;
-    if ret < 0 || prot & PROT_EXEC == 0 {
-        return None;
-    }
-    emit_proc(EVENT_MMAP, tgid, pid_tgid as u32, 0, ret as u64);
-    Some(())
+    unsafe { (*ev).stack_len = if copied { off } else { 0 } };
 }
 
 #[cfg(not(test))]

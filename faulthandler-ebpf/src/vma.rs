@@ -38,11 +38,7 @@ static SCAN: PerCpuArray<ScanState> = PerCpuArray::with_max_entries(1, 0);
 const USER_MIN: u64 = 0x1000;
 const USER_MAX: u64 = 0x0000_8000_0000_0000;
 
-pub unsafe fn capture(
-    task: *mut aya_ebpf::bindings::task_struct,
-    ev: *mut SignalEvent,
-    rec: *mut SignalRecord,
-) {
+pub unsafe fn capture(task: *mut aya_ebpf::bindings::task_struct, ev: *mut SignalEvent) {
     let Some(st) = SCAN.get_ptr_mut(0) else {
         return;
     };
@@ -70,7 +66,6 @@ pub unsafe fn capture(
             addr_of_mut!((*st).vmas) as *const c_void,
         );
     }
-    let _ = rec;
 }
 
 /// Looks `addr` up unless an already-recorded mapping covers it.

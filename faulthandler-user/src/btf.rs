@@ -300,6 +300,10 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         inode_i_sb: m("inode", "i_sb")?,
         sb_s_dev: m("super_block", "s_dev")?,
         dentry_d_name_name: m("dentry", "d_name.name")?,
+        task_sighand: m("task_struct", "sighand")?,
+        sighand_action: m("sighand_struct", "action")?,
+        k_sigaction_size: btf.struct_size("k_sigaction")?,
+        binprm_filename: m("linux_binprm", "filename")?,
     })
 }
 

@@ -17,8 +17,10 @@ use thiserror::Error;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/faulthandler"));
 
 /// Tracepoints attached, program name = tracepoint name.
-const TRACEPOINTS: [&str; 5] = [
+const TRACEPOINTS: [&str; 7] = [
     "signal_deliver",
+    "signal_generate",
+    "mark_victim",
     "sched_process_fork",
     "sched_process_exec",
     "sched_process_exit",
@@ -56,6 +58,7 @@ pub struct CaptureOptions {
     pub follow: bool,
     pub signal_mask: u64,
     pub stack_size: u32,
+    pub max_threads: u32,
     pub offsets: KernelOffsets,
 }
 
@@ -90,6 +93,8 @@ impl Capture {
             flags: if opts.all { CFG_ALL } else { 0 } | if opts.follow { CFG_FOLLOW } else { 0 },
             stack_size: opts.stack_size.min(STACK_MAX as u32),
             signal_mask: opts.signal_mask,
+            max_threads: opts.max_threads,
+            _pad: 0,
             offsets: opts.offsets,
         };
         let mut cfg: Array<_, Config> =

@@ -45,6 +45,10 @@ pub struct Cli {
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub max_frames: usize,
 
+    /// Most threads captured in one crash report; the rest are counted.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub max_threads: u32,
+
     /// Do not watch children forked (and programs exec'd) later.
     #[arg(long)]
     pub no_follow: bool,

@@ -4,8 +4,8 @@
 use std::mem::size_of;
 
 use faulthandler_common::{
-    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_MMAP, EVENT_SIGNAL, EventHeader, ProcEvent,
-    STACK_MAX, SignalEvent,
+    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_KILLED, EVENT_MMAP, EVENT_OOM, EVENT_SIGNAL,
+    EventHeader, ExecEvent, ProcEvent, STACK_MAX, SignalEvent,
 };
 use thiserror::Error;
 
@@ -28,10 +28,12 @@ pub struct SignalCapture {
 
 pub enum Event {
     Signal(Box<SignalCapture>),
-    Exec(ProcEvent),
+    Exec(ExecEvent),
     Mmap(ProcEvent),
     Fork(ProcEvent),
     Exit(ProcEvent),
+    Killed(ProcEvent),
+    Oom(ProcEvent),
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> T {
@@ -73,13 +75,18 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let stack = bytes[size_of::<SignalEvent>()..len].to_vec();
             Ok(Event::Signal(Box::new(SignalCapture { event, stack })))
         }
-        EVENT_EXEC | EVENT_MMAP | EVENT_FORK | EVENT_EXIT => {
+        EVENT_EXEC => {
+            need(size_of::<ExecEvent>())?;
+            Ok(Event::Exec(read(bytes)))
+        }
+        EVENT_MMAP | EVENT_FORK | EVENT_EXIT | EVENT_KILLED | EVENT_OOM => {
             need(size_of::<ProcEvent>())?;
             let ev: ProcEvent = read(bytes);
             Ok(match header.kind {
-                EVENT_EXEC => Event::Exec(ev),
                 EVENT_MMAP => Event::Mmap(ev),
                 EVENT_FORK => Event::Fork(ev),
+                EVENT_KILLED => Event::Killed(ev),
+                EVENT_OOM => Event::Oom(ev),
                 _ => Event::Exit(ev),
             })
         }

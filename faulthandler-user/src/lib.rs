@@ -4,6 +4,7 @@ pub mod cli;
 pub mod decode;
 pub mod modules;
 pub mod output;
+pub mod pipeline;
 pub mod procs;
 pub mod report;
 pub mod run;

@@ -52,6 +52,8 @@ impl OpenFile {
 #[derive(Default)]
 pub struct Tracker {
     procs: HashMap<u32, ProcInfo>,
+    /// The path each process last exec'd, resolved to an absolute path.
+    exec_paths: HashMap<u32, PathBuf>,
     /// Keyed by (kernel dev, inode): one handle per file across processes.
     files: HashMap<(u64, u64), OpenFile>,
 }
@@ -96,13 +98,40 @@ impl Tracker {
         self.procs.get(&pid)
     }
 
+    /// The path `pid` last exec'd, as resolved when it did.
+    pub fn exec_path(&self, pid: u32) -> Option<String> {
+        self.exec_paths
+            .get(&pid)
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
     pub fn forget(&mut self, pid: u32) {
         self.procs.remove(&pid);
+        self.exec_paths.remove(&pid);
         // Files stay cached: the next process of the same binary reuses them.
     }
 
+    /// Records what `pid` exec'd (the path given to execve) and re-reads
+    /// its mappings. A relative path is resolved against the process's
+    /// working directory, or ours when it has already gone (right for
+    /// `-- COMMAND`, which starts in our directory).
+    pub fn exec(&mut self, pid: u32, filename: &str) {
+        let path = Path::new(filename);
+        let path = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            let cwd =
+                fs::read_link(format!("/proc/{pid}/cwd")).or_else(|_| std::env::current_dir());
+            cwd.map(|c| c.join(path))
+                .unwrap_or_else(|_| path.to_path_buf())
+        };
+        self.exec_paths.insert(pid, path);
+        let _ = self.refresh(pid);
+    }
+
     /// Re-reads everything about `pid` from /proc. Fails when the process
-    /// has already gone; what was known before is kept then.
+    /// has already gone (or is going: its maps read empty); what was known
+    /// before is kept then.
     pub fn refresh(&mut self, pid: u32) -> io::Result<()> {
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         let maps = fs::read_to_string(proc_dir.join("maps"))?;
@@ -127,6 +156,12 @@ impl Tracker {
                 file_offset: m.offset,
                 build_id: f.build_id.clone(),
             });
+        }
+        if modules.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no executable mappings: the process is exiting",
+            ));
         }
         let status = fs::read_to_string(proc_dir.join("status")).unwrap_or_default();
         let field = |name: &str| {
@@ -191,8 +226,12 @@ impl Tracker {
                 .get(&key)
                 .map(|f| (f.open_path(), f.name.clone(), f.build_id.clone()))
                 .or_else(|| {
-                    let exe = self.procs.get(&pid).and_then(|p| p.exe.clone());
-                    let path = find_by_identity(&c_str(&v.name), key, exe.as_deref())?;
+                    let exe = self
+                        .procs
+                        .get(&pid)
+                        .and_then(|p| p.exe.as_ref().map(PathBuf::from));
+                    let hints = exe.iter().chain(self.exec_paths.get(&pid));
+                    let path = find_by_identity(&c_str(&v.name), key, hints)?;
                     let build_id = File::open(&path).ok().and_then(|mut f| build_id(&mut f));
                     Some((path.clone(), path.to_string_lossy().into_owned(), build_id))
                 });
@@ -258,14 +297,15 @@ fn open_mapped(proc_dir: &Path, m: &MapsLine) -> Option<OpenFile> {
 
 /// Finds a file by the dentry name the kernel saw and its (dev, inode),
 /// for mappings of a process that died before /proc could be read.
-fn find_by_identity(name: &str, (dev, ino): (u64, u64), exe: Option<&str>) -> Option<PathBuf> {
+fn find_by_identity<'a>(
+    name: &str,
+    (dev, ino): (u64, u64),
+    hints: impl Iterator<Item = &'a PathBuf>,
+) -> Option<PathBuf> {
     if name.is_empty() || name.contains('/') {
         return None;
     }
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Some(exe) = exe {
-        candidates.push(PathBuf::from(exe));
-    }
+    let mut candidates: Vec<PathBuf> = hints.cloned().collect();
     for dir in [
         "/lib/x86_64-linux-gnu",
         "/usr/lib/x86_64-linux-gnu",

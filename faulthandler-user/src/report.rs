@@ -58,6 +58,8 @@ pub struct Signal {
     pub address: Option<String>,
     pub sender_pid: Option<i32>,
     pub handled: bool,
+    /// The fault address sits just below the stack pointer.
+    pub stack_overflow: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -68,7 +70,11 @@ pub struct Report {
     pub host: String,
     pub process: Process,
     pub signal: Option<Signal>,
+    /// The kernel's OOM killer ended the process.
+    pub oom_kill: bool,
     pub threads: Vec<Thread>,
+    /// Threads not captured because of `--max-threads`.
+    pub threads_omitted: u32,
     pub lost_events: u64,
 }
 
@@ -121,6 +127,12 @@ impl Report {
                     out.push_str(", after the process's own handler ran");
                 }
                 out.push('\n');
+                if sig.stack_overflow {
+                    out.push_str("Stack overflow likely: the fault address is just below the stack pointer\n");
+                }
+                if self.oom_kill {
+                    out.push_str("Killed by the kernel's OOM killer\n");
+                }
             }
             _ => {
                 let _ = writeln!(out, "{bold}Stack dump ({}){reset}", self.kind);
@@ -139,6 +151,13 @@ impl Report {
                 out,
                 "warning: {} events were lost before this report",
                 self.lost_events
+            );
+        }
+        if self.threads_omitted > 0 {
+            let _ = writeln!(
+                out,
+                "{} more threads not captured (--max-threads)",
+                self.threads_omitted
             );
         }
         for t in &self.threads {

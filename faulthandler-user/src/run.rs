@@ -124,6 +124,7 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
         follow: !cli.no_follow,
         signal_mask: mask,
         stack_size: cli.stack_size,
+        max_threads: cli.max_threads,
         offsets,
     })?;
     let color = cli.output.is_none()
@@ -157,6 +158,7 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
         alive.retain(|p| !exited.contains(p) && unsafe { libc::kill(*p as i32, 0) } == 0);
     }
     w.poll(Duration::ZERO)?;
+    w.flush();
     Ok(0)
 }
 
@@ -245,8 +247,10 @@ fn run_command(w: &mut Watcher, command: &[String]) -> Result<i32, RunError> {
         // watching until it has actually exited.
         STOP.store(false, Ordering::Relaxed);
     };
-    // The crash event was written before the process died; drain it.
+    // The crash and exit events were written before the process was
+    // reaped; drain them.
     w.poll(Duration::from_millis(10))?;
+    w.flush();
     Ok(if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else if libc::WIFSIGNALED(status) {

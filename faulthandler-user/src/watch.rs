@@ -3,41 +3,91 @@
 use std::{
     collections::HashMap,
     sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use faulthandler_common::{REG_BP, REG_IP, REG_SP, SIG_F_HAS_REGS};
+use faulthandler_common::{REG_SP, SIG_F_GROUP_EXIT};
 
 use crate::{
     capture::{Capture, CaptureError},
     decode::{Event, SignalCapture, c_str, decode},
     output::Sink,
-    procs::Tracker,
-    report::{self, Process, Report, Signal, Thread},
+    pipeline::Pipeline,
+    procs::{Tracker, container_id},
+    report::{self, Process, Report, Signal},
     signals,
-    symbolize::Symbolizer,
-    unwind::{Regs, StackCopy, Unwinder},
 };
 
 /// Set by SIGINT/SIGTERM handlers; the loop checks it between polls.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
 const SIG_DFL: u64 = 0;
 const SIG_IGN: u64 = 1;
+const SIGKILL: i32 = 9;
+const SI_KERNEL: i32 = 0x80;
+
+/// How long a dying process may take to finish dying (a thread stuck in
+/// uninterruptible sleep) before its report goes out with the threads
+/// captured so far.
+const DYING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The kernel's account of a death that was not delivered as a signal to
+/// one thread: a group-wide kill, or the OOM killer.
+struct Killed {
+    sig: i32,
+    code: i32,
+    sender: u32,
+    tid: u32,
+    ktime_ns: u64,
+    oom: bool,
+}
+
+/// A watched process that is dying of a reported signal; its report is
+/// written once the last thread has gone.
+struct Dying {
+    /// The thread that took the fatal signal.
+    primary: Option<Box<SignalCapture>>,
+    handled: bool,
+    killed: Option<Killed>,
+    /// Every other thread, captured at its group-exit SIGKILL.
+    siblings: Vec<Box<SignalCapture>>,
+    since: Instant,
+}
+
+impl Dying {
+    fn new() -> Self {
+        Self {
+            primary: None,
+            handled: false,
+            killed: None,
+            siblings: Vec::new(),
+            since: Instant::now(),
+        }
+    }
+}
+
+pub struct WatchOptions {
+    pub json: bool,
+    pub color: bool,
+    pub max_frames: usize,
+}
 
 pub struct Watcher {
     pub capture: Capture,
     pub tracker: Tracker,
-    unwinder: Unwinder,
-    symbolizer: Symbolizer,
+    pipeline: Pipeline,
     sink: Sink,
     json: bool,
     color: bool,
-    max_frames: usize,
     /// Per process: the last fault its own handler took. If the process
     /// then dies of the same signal (a re-raise, or the fault recurring
     /// after SA_RESETHAND), this is the stack worth reporting.
     pending: HashMap<u32, Box<SignalCapture>>,
+    dying: HashMap<u32, Dying>,
     lost: u64,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, to date kernel timestamps.
     wall_offset_ns: i128,
@@ -71,10 +121,10 @@ fn default_is_harmless(sig: i32) -> bool {
     )
 }
 
-pub struct WatchOptions {
-    pub json: bool,
-    pub color: bool,
-    pub max_frames: usize,
+/// A fault address just below the stack pointer (a push or call into
+/// the guard page) means the stack overflowed.
+fn stack_overflow(sig: i32, addr: u64, sp: u64) -> bool {
+    sig == libc::SIGSEGV && addr < sp.saturating_add(4096) && sp.saturating_sub(addr) <= 64 * 1024
 }
 
 impl Watcher {
@@ -85,13 +135,12 @@ impl Watcher {
         Self {
             capture,
             tracker: Tracker::default(),
-            unwinder: Unwinder::new(),
-            symbolizer: Symbolizer::new(),
+            pipeline: Pipeline::new(opts.max_frames),
             sink,
             json: opts.json,
             color: opts.color,
-            max_frames: opts.max_frames,
             pending: HashMap::new(),
+            dying: HashMap::new(),
             lost: 0,
             wall_offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
             host,
@@ -107,7 +156,24 @@ impl Watcher {
         for r in records {
             self.handle(&r);
         }
+        let stale: Vec<u32> = self
+            .dying
+            .iter()
+            .filter(|(_, d)| d.since.elapsed() >= DYING_TIMEOUT)
+            .map(|(&p, _)| p)
+            .collect();
+        for pid in stale {
+            self.finish(pid, 0);
+        }
         Ok(())
+    }
+
+    /// Writes the reports of every death still being assembled.
+    pub fn flush(&mut self) {
+        let pids: Vec<u32> = self.dying.keys().copied().collect();
+        for pid in pids {
+            self.finish(pid, 0);
+        }
     }
 
     pub fn take_exited(&mut self) -> Vec<u32> {
@@ -127,13 +193,27 @@ impl Watcher {
             Event::Signal(s) => self.on_signal(s),
             // The process may already be gone; the kernel-side mapping
             // capture covers that case, so a failed refresh is fine.
-            Event::Exec(p) | Event::Mmap(p) => {
+            Event::Exec(e) => self.tracker.exec(e.pid, &c_str(&e.filename)),
+            Event::Mmap(p) => {
                 let _ = self.tracker.refresh(p.pid);
             }
             Event::Fork(p) => {
                 let _ = self.tracker.refresh(p.arg);
             }
+            Event::Killed(p) | Event::Oom(p) => {
+                let oom = matches!(event, Event::Oom(_));
+                let d = self.dying.entry(p.pid).or_insert_with(Dying::new);
+                d.killed = Some(Killed {
+                    sig: if oom { SIGKILL } else { p.arg as i32 },
+                    code: if oom { SI_KERNEL } else { p.addr as i32 },
+                    sender: p.sender,
+                    tid: p.tid,
+                    ktime_ns: p.ktime_ns,
+                    oom,
+                });
+            }
             Event::Exit(p) => {
+                self.finish(p.pid, p.arg);
                 self.pending.remove(&p.pid);
                 self.tracker.forget(p.pid);
                 self.exited.push(p.pid);
@@ -144,6 +224,12 @@ impl Watcher {
     fn on_signal(&mut self, s: Box<SignalCapture>) {
         let ev = &s.event;
         self.lost += ev.lost;
+        if ev.flags & SIG_F_GROUP_EXIT != 0 {
+            if let Some(d) = self.dying.get_mut(&ev.pid) {
+                d.siblings.push(s);
+            }
+            return;
+        }
         if ev.handler == SIG_IGN || (ev.handler == SIG_DFL && default_is_harmless(ev.sig)) {
             return;
         }
@@ -163,13 +249,20 @@ impl Watcher {
         let original = self.pending.remove(&ev.pid).filter(|p| {
             p.event.sig == ev.sig && (signals::user_sent(ev.code) || p.event.addr == ev.addr)
         });
-        let handled = original.is_some();
-        let capture = original.unwrap_or(s);
-        let report = self.crash_report(&capture, handled);
-        self.emit(&report);
+        let d = self.dying.entry(ev.pid).or_insert_with(Dying::new);
+        d.handled = original.is_some();
+        d.primary = Some(original.unwrap_or(s));
     }
 
-    fn emit(&mut self, report: &Report) {
+    /// Writes the report for a process that has finished dying.
+    fn finish(&mut self, pid: u32, omitted: u32) {
+        let Some(d) = self.dying.remove(&pid) else {
+            return;
+        };
+        if d.primary.is_none() && d.killed.is_none() {
+            return; // siblings of nothing we report
+        }
+        let report = self.crash_report(pid, d, omitted);
         let text = if self.json {
             report.to_json()
         } else {
@@ -181,89 +274,88 @@ impl Watcher {
         self.reports += 1;
     }
 
-    pub fn crash_report(&mut self, s: &SignalCapture, handled: bool) -> Report {
-        let ev = &s.event;
-        let info = self.tracker.get(ev.pid).cloned().unwrap_or_default();
-        let thread = self.thread(s, true);
-        let sig = ev.sig;
-        let signal = Signal {
-            number: sig,
-            name: signals::name(sig),
-            description: signals::description(sig),
-            code: ev.code,
-            code_name: signals::code_name(sig, ev.code),
-            code_description: signals::code_description(sig, ev.code),
-            address: signals::is_fault(sig, ev.code).then(|| report::hex(ev.addr)),
-            sender_pid: signals::user_sent(ev.code)
-                .then_some(ev.sender_pid)
-                .filter(|&p| p > 0),
-            handled,
+    fn crash_report(&mut self, pid: u32, d: Dying, omitted: u32) -> Report {
+        let info = self.tracker.get(pid).cloned().unwrap_or_default();
+        let mut siblings = d.siblings;
+        // A group kill has no faulting thread: the thread the kernel
+        // aimed at (or the first to die) stands first.
+        let primary = d.primary.or_else(|| {
+            let want = d.killed.as_ref().map(|k| k.tid);
+            let i = siblings
+                .iter()
+                .position(|s| Some(s.event.tid) == want)
+                .unwrap_or(0);
+            (!siblings.is_empty()).then(|| siblings.remove(i))
+        });
+        siblings.sort_by_key(|s| s.event.tid);
+        let mut threads = Vec::with_capacity(siblings.len() + 1);
+        if let Some(p) = &primary {
+            threads.push(self.pipeline.thread(&self.tracker, p, true));
+        }
+        for s in &siblings {
+            threads.push(self.pipeline.thread(&self.tracker, s, false));
+        }
+        let signal = match (&primary, &d.killed) {
+            (Some(p), None) => {
+                let ev = &p.event;
+                Signal {
+                    number: ev.sig,
+                    name: signals::name(ev.sig),
+                    description: signals::description(ev.sig),
+                    code: ev.code,
+                    code_name: signals::code_name(ev.sig, ev.code),
+                    code_description: signals::code_description(ev.sig, ev.code),
+                    address: signals::is_fault(ev.sig, ev.code).then(|| report::hex(ev.addr)),
+                    sender_pid: signals::user_sent(ev.code)
+                        .then_some(ev.sender_pid)
+                        .filter(|&p| p > 0),
+                    handled: d.handled,
+                    stack_overflow: stack_overflow(ev.sig, ev.addr, ev.regs[REG_SP]),
+                }
+            }
+            (_, Some(k)) => Signal {
+                number: k.sig,
+                name: signals::name(k.sig),
+                description: signals::description(k.sig),
+                code: k.code,
+                code_name: signals::code_name(k.sig, k.code),
+                code_description: signals::code_description(k.sig, k.code),
+                address: None,
+                sender_pid: (k.sender != 0 && !k.oom).then_some(k.sender as i32),
+                handled: false,
+                stack_overflow: false,
+            },
+            (None, None) => unreachable!("checked by finish"),
         };
-        let ns_pid = (ev.ns_pid != 0 && ev.ns_pid != ev.pid).then_some(ev.ns_pid);
-        let time_ns = ev.ktime_ns as i128 + self.wall_offset_ns;
-        let lost = std::mem::take(&mut self.lost);
+        let (ktime, ev_comm, ns_pid) = match (&primary, &d.killed) {
+            (Some(p), _) => (p.event.ktime_ns, c_str(&p.event.comm), p.event.ns_pid),
+            (None, Some(k)) => (k.ktime_ns, String::new(), 0),
+            (None, None) => (0, String::new(), 0),
+        };
+        let ktime = d.killed.as_ref().map_or(ktime, |k| k.ktime_ns);
+        let time_ns = ktime as i128 + self.wall_offset_ns;
         Report {
             schema: report::SCHEMA,
             kind: "crash",
             time: report::rfc3339(time_ns.max(0) as u128),
             host: self.host.clone(),
             process: Process {
-                pid: ev.pid,
-                ns_pid: ns_pid.or(info.ns_pid.filter(|&n| n != ev.pid)),
-                comm: info.comm.clone().unwrap_or_else(|| c_str(&ev.comm)),
-                exe: info.exe.clone(),
+                pid,
+                ns_pid: (ns_pid != 0 && ns_pid != pid)
+                    .then_some(ns_pid)
+                    .or(info.ns_pid.filter(|&n| n != pid)),
+                comm: info.comm.clone().unwrap_or(ev_comm),
+                exe: info.exe.clone().or_else(|| self.tracker.exec_path(pid)),
                 cmdline: info.cmdline.clone(),
                 uid: info.uid,
-                container_id: info.cgroup.as_deref().and_then(crate::procs::container_id),
+                container_id: info.cgroup.as_deref().and_then(container_id),
                 cgroup: info.cgroup.clone(),
             },
             signal: Some(signal),
-            threads: vec![thread],
-            lost_events: lost,
+            oom_kill: d.killed.as_ref().is_some_and(|k| k.oom),
+            threads,
+            threads_omitted: omitted,
+            lost_events: std::mem::take(&mut self.lost),
         }
     }
-
-    fn thread(&mut self, s: &SignalCapture, current: bool) -> Thread {
-        let ev = &s.event;
-        let mut t = Thread {
-            tid: ev.tid,
-            ns_tid: (ev.ns_tid != 0 && ev.ns_tid != ev.tid).then_some(ev.ns_tid),
-            name: c_str(&ev.comm),
-            current,
-            ..Default::default()
-        };
-        if ev.flags & SIG_F_HAS_REGS == 0 {
-            t.error = Some("the kernel did not give this thread's user registers".into());
-            return t;
-        }
-        let nvmas = (ev.nvmas as usize).min(ev.vmas.len());
-        let modules = self.tracker.modules_for(ev.pid, &ev.vmas[..nvmas]);
-        let regs = Regs {
-            ip: ev.regs[REG_IP],
-            sp: ev.regs[REG_SP],
-            bp: ev.regs[REG_BP],
-        };
-        let stack = StackCopy {
-            base: regs.sp,
-            bytes: &s.stack,
-        };
-        let unwound = self
-            .unwinder
-            .unwind(&regs, &stack, &modules, self.max_frames);
-        t.frames = self.symbolizer.symbolize(&unwound.addrs, &modules);
-        t.truncated = unwound.truncated;
-        t.unwind = Some(unwound.method.as_str());
-        t.error = unwound.error;
-        if s.event.stack_err != 0 && s.stack.is_empty() {
-            t.error = Some(format!(
-                "could not copy the user stack (error {})",
-                s.event.stack_err
-            ));
-        }
-        t
-    }
-}
-
-pub fn stop_requested() -> bool {
-    STOP.load(Ordering::Relaxed)
 }

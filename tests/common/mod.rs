@@ -227,3 +227,43 @@ pub fn assert_line(thread: &Value, func: &str, source: &Path, line: u32) {
 pub fn signal_status(sig: i32) -> i32 {
     128 + sig
 }
+
+/// IDs of the BPF programs a process holds open, from its fdinfo (this
+/// Debian bpftool cannot show owning pids).
+pub fn prog_ids_of(pid: u32) -> Vec<u64> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<u64> = dir
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Waits until rfh-trace `pid` holds all its BPF programs (it is then
+/// attached); returns their ids.
+pub fn wait_attached(pid: u32) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let ids = prog_ids_of(pid);
+        if ids.len() >= PROGRAMS {
+            // Attaching follows loading; give the last attach a moment.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            return ids;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rfh-trace never attached: {ids:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// How many BPF programs rfh-trace loads.
+pub const PROGRAMS: usize = 7;

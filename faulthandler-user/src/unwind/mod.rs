@@ -2,18 +2,17 @@
 //! stack become return addresses. Pure apart from reading (and caching) the
 //! module files for their DWARF CFI; x86_64 only.
 
+mod cfi;
+mod elf;
+
 use std::collections::HashMap;
-use std::fs::File;
-use std::ops::Range;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
-use framehop::{ExplicitModuleSectionInfo, FrameAddress, Unwinder as _};
-use object::read::elf::{ElfFile64, ProgramHeader as _};
-use object::{CompressionFormat, Object as _, ObjectSection as _, ReadCache};
+use framehop::{FrameAddress, Unwinder as _};
 
+use self::elf::{ElfInfo, Identity, Mapped, identity, load_elf};
 use crate::modules::{self, Module};
 
 /// User space ends here with 4-level paging, and 5-level paging only hands
@@ -21,7 +20,6 @@ use crate::modules::{self, Module};
 const USER_ADDR_LIMIT: u64 = 0x0000_8000_0000_0000;
 /// A daemon sees many short-lived processes; bounding beats tracking liveness.
 const MAX_CACHED_FILES: usize = 256;
-const PAGE: u64 = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Regs {
@@ -69,51 +67,6 @@ pub struct Unwound {
     pub method: Method,
     pub truncated: bool,
     pub error: Option<String>,
-}
-
-type Data = Arc<[u8]>;
-
-/// A path alone may name a different file by the next crash (upgrades).
-#[derive(Clone, PartialEq, Eq, Hash)]
-enum Identity {
-    BuildId(Vec<u8>),
-    /// dev, inode, size, mtime (s, ns)
-    Stat([i64; 5]),
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Load {
-    vaddr: u64,
-    offset: u64,
-    filesz: u64,
-    exec: bool,
-}
-
-/// What one ELF file contributes, shared by all its mappings.
-struct ElfInfo {
-    loads: Vec<Load>,
-    base_svma: u64,
-    sections: ExplicitModuleSectionInfo<Data>,
-    /// Sorted `[start, end)` SVMAs covered by the CFI handed to framehop;
-    /// framehop silently falls back to frame pointers outside them.
-    cfi: Vec<(u64, u64)>,
-}
-
-#[derive(Clone)]
-struct Mapped {
-    range: Range<u64>,
-    bias: u64,
-    file: Arc<ElfInfo>,
-    fh: framehop::Module<Data>,
-}
-
-impl Mapped {
-    fn has_cfi_for(&self, addr: u64) -> bool {
-        let svma = addr.wrapping_sub(self.bias);
-        let cfi = &self.file.cfi;
-        let i = cfi.partition_point(|r| r.0 <= svma);
-        self.range.contains(&addr) && i > 0 && svma < cfi[i - 1].1
-    }
 }
 
 type FileKey = (PathBuf, Identity);
@@ -228,287 +181,17 @@ impl Unwinder {
             self.parses += 1;
             load_elf(&m.open_path, m.build_id.as_deref()).map(Arc::new)
         });
-        let file = file.clone();
-        let mapped = file.and_then(|file| {
-            let bias = load_bias(&file.loads, m.start, m.file_offset)?;
-            let base_avma = file.base_svma.wrapping_add(bias);
-            let (name, range, sections) = (m.name.clone(), m.start..m.end, file.sections.clone());
-            let fh = framehop::Module::new(name, range.clone(), base_avma, sections);
-            Some(Mapped {
-                range,
-                bias,
-                file,
-                fh,
-            })
-        });
+        let mapped = file.clone().and_then(|file| Mapped::new(file, m));
         self.maps.insert(key, mapped.clone());
         mapped
     }
 }
 
-fn identity(m: &Module) -> Option<Identity> {
-    if let Some(id) = &m.build_id {
-        return Some(Identity::BuildId(id.clone()));
-    }
-    let md = std::fs::metadata(&m.open_path).ok()?;
-    let stat = [
-        md.dev() as i64,
-        md.ino() as i64,
-        md.size() as i64,
-        md.mtime(),
-        md.mtime_nsec(),
-    ];
-    Some(Identity::Stat(stat))
-}
-
-/// Load bias (AVMA - SVMA) of the mapping of `file_offset` at `start`.
-fn load_bias(loads: &[Load], start: u64, file_offset: u64) -> Option<u64> {
-    // The kernel maps whole pages, so a mapping may begin up to a page before
-    // its segment's first byte; prefer PF_X since modules are code mappings.
-    let holds = |l: &&Load| {
-        l.offset & !(PAGE - 1) <= file_offset && file_offset < l.offset.saturating_add(l.filesz)
-    };
-    let mut held = loads.iter().filter(holds);
-    let l = held.clone().find(|l| l.exec).or(held.next())?;
-    // p_vaddr ≡ p_offset (mod p_align), so SVMA = p_vaddr - p_offset + offset
-    // holds for every byte of the mapping, page-rounded head included.
-    let svma = l.vaddr.wrapping_sub(l.offset).wrapping_add(file_offset);
-    Some(start.wrapping_sub(svma))
-}
-
-fn load_elf(path: &Path, build_id: Option<&[u8]>) -> Option<ElfInfo> {
-    // ReadCache pulls in headers and the few sections asked for, never the
-    // (possibly huge) debug info.
-    let cache = ReadCache::new(File::open(path).ok()?);
-    let elf = ElfFile64::<object::Endianness, _>::parse(&cache).ok()?;
-    if elf.architecture() != object::Architecture::X86_64 {
-        return None;
-    }
-    // CFI from a file replaced since the process mapped it would be wrong.
-    if build_id.is_some() && elf.build_id().ok().flatten() != build_id {
-        return None;
-    }
-    let e = elf.endian();
-    let loads: Vec<Load> = (elf.elf_program_headers().iter())
-        .filter(|p| p.p_type(e) == object::elf::PT_LOAD)
-        .map(|p| Load {
-            vaddr: p.p_vaddr(e),
-            offset: p.p_offset(e),
-            filesz: p.p_filesz(e),
-            exec: p.p_flags(e) & object::elf::PF_X != 0,
-        })
-        .collect();
-    let base_svma = loads.iter().map(|l| l.vaddr).min()?;
-    let range = |name: &str| {
-        let s = elf.section_by_name(name)?;
-        Some(s.address()..s.address().saturating_add(s.size()))
-    };
-    let data = |name: &str| {
-        let s = elf.section_by_name(name)?;
-        let plain = s.compressed_file_range().ok()?.format == CompressionFormat::None;
-        let d = s.data().ok().filter(|d| plain && !d.is_empty());
-        d.map(Data::from)
-    };
-    let (text_svma, got_svma) = (range(".text"), range(".got"));
-    let start = |r: &Option<Range<u64>>| r.as_ref().map_or(0, |r| r.start);
-    let bases = (start(&text_svma), start(&got_svma));
-    let (eh_frame_svma, eh_frame) = (range(".eh_frame"), data(".eh_frame"));
-    let debug_frame = data(".debug_frame");
-    let eh_cfi = match (&eh_frame, &eh_frame_svma) {
-        (Some(d), Some(r)) => fde_ranges(d, r.start, true, bases),
-        _ => Vec::new(),
-    };
-    let debug_cfi =
-        (debug_frame.as_ref()).map_or_else(Vec::new, |d| fde_ranges(d, 0, false, bases));
-    let mut sections = ExplicitModuleSectionInfo {
-        base_svma,
-        text_svma,
-        got_svma,
-        ..Default::default()
-    };
-    // framehop reads .debug_frame only when there is no .eh_frame, yet
-    // `-fno-asynchronous-unwind-tables -g` leaves just crt stubs in .eh_frame.
-    let cfi = if span(&debug_cfi) > span(&eh_cfi) {
-        sections.debug_frame = debug_frame;
-        debug_cfi
-    } else {
-        sections.eh_frame_hdr_svma = range(".eh_frame_hdr");
-        sections.eh_frame_hdr = data(".eh_frame_hdr");
-        sections.eh_frame_svma = eh_frame_svma;
-        sections.eh_frame = eh_frame;
-        eh_cfi
-    };
-    let info = ElfInfo {
-        loads,
-        base_svma,
-        sections,
-        cfi,
-    };
-    Some(info)
-}
-
-fn span(ranges: &[(u64, u64)]) -> u64 {
-    ranges.iter().fold(0, |n, r| n.saturating_add(r.1 - r.0))
-}
-
-/// Minimal CFI reader: framehop does not say whether a step used CFI, so
-/// coverage comes from the FDE address ranges.
-struct Rd<'a> {
-    d: &'a [u8],
-    pos: usize,
-}
-
-impl Rd<'_> {
-    fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let b = self.d.get(self.pos..self.pos.checked_add(N)?)?;
-        self.pos += N;
-        b.try_into().ok()
-    }
-
-    fn u8(&mut self) -> Option<u8> {
-        self.bytes().map(u8::from_le_bytes)
-    }
-
-    fn word(&mut self, wide: bool) -> Option<u64> {
-        match wide {
-            true => self.bytes().map(u64::from_le_bytes),
-            false => self.bytes().map(u32::from_le_bytes).map(u64::from),
-        }
-    }
-
-    /// DWARF initial length and whether the record is 64-bit DWARF.
-    fn length(&mut self) -> Option<(u64, bool)> {
-        match self.word(false)? {
-            0xffff_ffff => Some((self.word(true)?, true)),
-            len => Some((len, false)),
-        }
-    }
-
-    fn leb(&mut self, signed: bool) -> Option<u64> {
-        let (mut v, mut shift) = (0u64, 0u32);
-        loop {
-            let b = self.u8()?;
-            v |= u64::from(b & 0x7f).checked_shl(shift).unwrap_or(0);
-            shift = shift.saturating_add(7);
-            if b & 0x80 == 0 {
-                let sign: u64 = if signed && b & 0x40 != 0 { !0 } else { 0 };
-                return Some(v | sign.checked_shl(shift).unwrap_or(0));
-            }
-        }
-    }
-
-    /// A DW_EH_PE value in format `enc & 0x0f`, sign-extended.
-    fn value(&mut self, enc: u8) -> Option<u64> {
-        Some(match enc & 0x0f {
-            0x00 | 0x04 | 0x0c => self.word(true)?,
-            0x01 => self.leb(false)?,
-            0x09 => self.leb(true)?,
-            0x02 => u16::from_le_bytes(self.bytes()?).into(),
-            0x03 => self.word(false)?,
-            0x0a => i16::from_le_bytes(self.bytes()?) as u64,
-            0x0b => i32::from_le_bytes(self.bytes()?) as u64,
-            _ => return None,
-        })
-    }
-}
-
-/// `[start, end)` of every FDE in `.eh_frame` (`eh`, at `svma`) or
-/// `.debug_frame`; `bases` are the .text and .got SVMAs.
-fn fde_ranges(d: &[u8], svma: u64, eh: bool, bases: (u64, u64)) -> Vec<(u64, u64)> {
-    let (mut out, mut cies, mut pos) = (Vec::new(), HashMap::new(), 0);
-    while let Some((next, range)) = cfi_record(d, pos, svma, eh, bases, &mut cies) {
-        out.extend(range.filter(|r| r.0 < r.1));
-        pos = next;
-    }
-    out.sort_unstable();
-    out
-}
-
-/// The record at `pos`: where the next one starts, and its range if it is
-/// an FDE we can read.
-fn cfi_record(
-    d: &[u8],
-    pos: usize,
-    svma: u64,
-    eh: bool,
-    bases: (u64, u64),
-    cies: &mut HashMap<usize, Option<u8>>,
-) -> Option<(usize, Option<(u64, u64)>)> {
-    let mut r = Rd { d, pos };
-    let (len, wide) = r.length()?;
-    let next = (r.pos.checked_add(usize::try_from(len).ok()?)).filter(|&n| n <= d.len())?;
-    if len == 0 {
-        // .eh_frame ends at a zero terminator; .debug_frame may pad with them.
-        return (!eh).then_some((next, None));
-    }
-    let id_pos = r.pos as u64;
-    let id = r.word(wide)?;
-    let cie_id = if wide { u64::MAX } else { 0xffff_ffff };
-    let cie = match eh {
-        true if id != 0 => id_pos.checked_sub(id),
-        false if id != cie_id => Some(id),
-        _ => return Some((next, None)),
-    };
-    let enc = (cie.and_then(|c| usize::try_from(c).ok()))
-        .and_then(|c| *cies.entry(c).or_insert_with(|| cie_encoding(d, c, eh)));
-    let range = enc.and_then(|enc| {
-        let base = match enc & 0x70 {
-            0x00 => 0,
-            0x10 => svma.wrapping_add(r.pos as u64),
-            0x20 => bases.0,
-            0x30 => bases.1,
-            _ => return None,
-        };
-        let start = base.wrapping_add(r.value(enc)?);
-        Some((start, start.saturating_add(r.value(enc & 0x0f)?)))
-    });
-    Some((next, range))
-}
-
-/// The pointer encoding of the FDEs that use the CIE at `off`.
-fn cie_encoding(d: &[u8], off: usize, eh: bool) -> Option<u8> {
-    let mut r = Rd { d, pos: off };
-    let wide = r.length()?.1;
-    r.word(wide)?;
-    let version = r.u8()?;
-    let aug = d.get(r.pos..)?.split(|&b| b == 0).next()?;
-    r.pos += aug.len() + 1;
-    if !eh {
-        // .debug_frame holds plain target addresses; v4 states their size.
-        let size = if version >= 4 { r.u8()? } else { 8 };
-        return match size {
-            8 => Some(0x04),
-            4 => Some(0x03),
-            _ => None,
-        };
-    }
-    let _code_align = r.leb(false)?;
-    let _data_align = r.leb(true)?;
-    let _ra_register = if version == 1 {
-        r.u8().map(u64::from)
-    } else {
-        r.leb(false)
-    }?;
-    let Some(rest) = aug.strip_prefix(b"z") else {
-        return aug.is_empty().then_some(0);
-    };
-    r.leb(false)?;
-    for &c in rest {
-        match c {
-            b'R' => return r.u8(),
-            b'L' => r.u8().map(|_| ())?,
-            b'P' => r.u8().and_then(|enc| r.value(enc)).map(|_| ())?,
-            b'S' | b'B' | b'G' => {}
-            _ => return None,
-        }
-    }
-    Some(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use object::{ObjectSymbol as _, SymbolKind};
+    use object::{Object as _, ObjectSymbol as _, SymbolKind};
+    use std::path::Path;
     use std::process::Command;
 
     /// Dumps its own registers, maps and top of stack from inside fh_c (or
@@ -733,30 +416,5 @@ int main(int argc, char **argv) {
             "{names:?}"
         );
         assert_eq!(u.method, Method::Dwarf, "{u:?}");
-    }
-
-    #[test]
-    fn unwind_load_bias_of_page_rounded_segments() {
-        let load = |vaddr, offset, filesz, exec| Load {
-            vaddr,
-            offset,
-            filesz,
-            exec,
-        };
-        let pie = [load(0, 0, 0x5f0, false), load(0x1000, 0x1000, 0x2000, true)];
-        assert_eq!(
-            load_bias(&pie, 0x5555_5555_6000, 0x1000),
-            Some(0x5555_5555_5000)
-        );
-        // Old single-RX layout: the data segment's mapping starts a page early.
-        let old = [
-            load(0, 0, 0xd00, true),
-            load(0x201dd8, 0x1dd8, 0x300, false),
-        ];
-        assert_eq!(
-            load_bias(&old, 0x7f00_0020_1000, 0x1000),
-            Some(0x7f00_0000_0000)
-        );
-        assert_eq!(load_bias(&old, 0x7f00_0000_0000, 0x9000), None);
     }
 }

@@ -1,0 +1,254 @@
+//! Process lifecycle of watched processes: follow forks, tell userspace
+//! when to re-read mappings (exec, executable mmap), and mark deaths that
+//! never pass through `signal_deliver` as themselves.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
+};
+use faulthandler_common::*;
+
+use crate::{
+    CONFIG, DYING, EVENTS, HARMLESS_DEFAULT, SIG_DFL, WATCHED, config, count_lost, read_at, watched,
+};
+
+#[inline(always)]
+fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, sender: u32, addr: u64) {
+    let ev = ProcEvent {
+        header: EventHeader {
+            kind,
+            len: size_of::<ProcEvent>() as u32,
+        },
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        pid,
+        tid,
+        arg,
+        sender,
+        addr,
+    };
+    if EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
+        count_lost();
+    }
+}
+
+fn current() -> (u32, u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    ((pid_tgid >> 32) as u32, pid_tgid as u32)
+}
+
+/// A watched process forking a new process makes the child watched, in
+/// the parent's context and before the child can run, so a child that
+/// crashes at once is still caught.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
+    let _ = try_fork(&ctx);
+    0
+}
+
+fn try_fork(ctx: &RawTracePointContext) -> Option<()> {
+    let cfg = config()?;
+    if cfg.flags & CFG_FOLLOW == 0 || cfg.flags & CFG_ALL != 0 {
+        return None;
+    }
+    let (tgid, tid) = current();
+    unsafe { WATCHED.get(&tgid) }?;
+    let child: *const u8 = ctx.arg(1);
+    let child_tgid = unsafe { read_at::<u32>(child, cfg.offsets.task_tgid) }?;
+    if child_tgid == tgid {
+        return None; // a new thread, already covered
+    }
+    if WATCHED.insert(&child_tgid, &1, 0).is_err() {
+        count_lost();
+    }
+    emit_proc(EVENT_FORK, tgid, tid, child_tgid, 0, 0);
+    Some(())
+}
+
+/// `sched_process_exec(task, old_pid, bprm)`.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
+    let _ = try_exec(&ctx);
+    0
+}
+
+fn try_exec(ctx: &RawTracePointContext) -> Option<()> {
+    let cfg = config()?;
+    let (tgid, tid) = current();
+    if !watched(cfg, tgid) {
+        return None;
+    }
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        count_lost();
+        return None;
+    };
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        (*ev).header = EventHeader {
+            kind: EVENT_EXEC,
+            len: size_of::<ExecEvent>() as u32,
+        };
+        (*ev).ktime_ns = bpf_ktime_get_ns();
+        (*ev).pid = tgid;
+        (*ev).tid = tid;
+        (*ev).filename[0] = 0;
+        let bprm: *const u8 = ctx.arg(2);
+        if let Some(name) = read_at::<*const u8>(bprm, cfg.offsets.binprm_filename) {
+            let _ = bpf_probe_read_kernel_str_bytes(name, &mut (*ev).filename);
+        }
+    }
+    entry.submit(0);
+    Some(())
+}
+
+/// `sched_process_exit(task, group_dead)`: the last thread of a watched
+/// process is gone, so any crash report for it is complete.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
+    let group_dead: u64 = ctx.arg(1);
+    if group_dead & 0xff == 0 {
+        return 0;
+    }
+    if let Some(cfg) = config() {
+        let (tgid, tid) = current();
+        if watched(cfg, tgid) {
+            let omitted = unsafe { DYING.get(&tgid) }.map_or(0, |d| d.omitted);
+            let _ = DYING.remove(&tgid);
+            let _ = WATCHED.remove(&tgid);
+            emit_proc(EVENT_EXIT, tgid, tid, omitted, 0, 0);
+        }
+    }
+    0
+}
+
+const SYS_MMAP: u64 = 9;
+const PROT_EXEC: u64 = 4;
+/// `struct pt_regs` byte offsets: orig_ax and dx (the third argument).
+const PT_REGS_ORIG_AX: u32 = 15 * 8;
+const PT_REGS_DX: u32 = 12 * 8;
+
+/// An executable mmap in a watched process (a dlopen, or ld.so mapping a
+/// library) tells userspace to refresh its copy of the mappings now,
+/// while the process is alive.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
+    let _ = try_sys_exit(&ctx);
+    0
+}
+
+fn try_sys_exit(ctx: &RawTracePointContext) -> Option<()> {
+    let cfg = config()?;
+    let (tgid, tid) = current();
+    if !watched(cfg, tgid) {
+        return None;
+    }
+    let regs: *const u8 = ctx.arg(0);
+    let nr = unsafe { read_at::<u64>(regs, PT_REGS_ORIG_AX) }?;
+    if nr != SYS_MMAP {
+        return None;
+    }
+    let ret: i64 = ctx.arg(1);
+    let prot = unsafe { read_at::<u64>(regs, PT_REGS_DX) }?;
+    if ret < 0 || prot & PROT_EXEC == 0 {
+        return None;
+    }
+    emit_proc(EVENT_MMAP, tgid, tid, 0, 0, ret as u64);
+    Some(())
+}
+
+/// Signals whose default action dumps core; the kernel delivers these to
+/// one thread, which `signal_deliver` captures. Every other fatal
+/// default action becomes a group-wide SIGKILL at generation time.
+const COREDUMP: u64 = (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 7)
+    | (1 << 8)
+    | (1 << 11)
+    | (1 << 24)
+    | (1 << 25)
+    | (1 << 31);
+
+/// `signal_generate(sig, info, task, group, result)`. It fires after the
+/// signal is queued but while the sender still holds the target's
+/// siglock, so the DYING mark is in place before any target thread can
+/// dequeue the resulting group-exit SIGKILL.
+#[raw_tracepoint(tracepoint = "signal_generate")]
+pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
+    let _ = try_generate(&ctx);
+    0
+}
+
+fn try_generate(ctx: &RawTracePointContext) -> Option<()> {
+    let cfg = CONFIG.get(0)?;
+    let sig = ctx.arg::<u64>(0) as u32;
+    if sig == 0 || sig >= 64 || cfg.signal_mask & (1u64 << sig) == 0 {
+        return None;
+    }
+    if (COREDUMP | HARMLESS_DEFAULT) & (1u64 << sig) != 0 || ctx.arg::<u64>(4) as u32 != 0 {
+        return None; // delivered normally, or not delivered at all
+    }
+    let task: *const u8 = ctx.arg(2);
+    let o = &cfg.offsets;
+    let tgid = unsafe { read_at::<u32>(task, o.task_tgid) }?;
+    if !watched(cfg, tgid) {
+        return None;
+    }
+    let sighand = unsafe { read_at::<*const u8>(task, o.task_sighand) }?;
+    let slot = o.sighand_action + (sig - 1) * o.k_sigaction_size;
+    if unsafe { read_at::<u64>(sighand, slot) }? != SIG_DFL {
+        return None; // the process handles it and may well survive
+    }
+    let info: *const u8 = ctx.arg(1);
+    // SEND_SIG_NOINFO (0) is a user kill; SEND_SIG_PRIV (1) the kernel's.
+    let code = match info as usize {
+        0 => 0,
+        1 => 0x80,
+        _ => unsafe { read_at::<i32>(info, 8) }.unwrap_or(0),
+    };
+    let first = Dying {
+        threads: 0,
+        omitted: 0,
+    };
+    let _ = DYING.insert(&tgid, &first, BPF_NOEXIST as u64);
+    let (sender, _) = current();
+    let target_tid = unsafe { read_at::<u32>(task, o.task_pid) }.unwrap_or(0);
+    emit_proc(
+        EVENT_KILLED,
+        tgid,
+        target_tid,
+        sig,
+        sender,
+        code as i64 as u64,
+    );
+    Some(())
+}
+
+/// `mark_victim(task, uid)`: the OOM killer has sent SIGKILL to a
+/// process; capture its threads as they die.
+#[raw_tracepoint(tracepoint = "mark_victim")]
+pub fn mark_victim(ctx: RawTracePointContext) -> i32 {
+    let _ = try_oom(&ctx);
+    0
+}
+
+fn try_oom(ctx: &RawTracePointContext) -> Option<()> {
+    let cfg = config()?;
+    let task: *const u8 = ctx.arg(0);
+    let tgid = unsafe { read_at::<u32>(task, cfg.offsets.task_tgid) }?;
+    if !watched(cfg, tgid) {
+        return None;
+    }
+    let first = Dying {
+        threads: 0,
+        omitted: 0,
+    };
+    let _ = DYING.insert(&tgid, &first, BPF_NOEXIST as u64);
+    let tid = unsafe { read_at::<u32>(task, cfg.offsets.task_pid) }.unwrap_or(0);
+    emit_proc(EVENT_OOM, tgid, tid, 9, 0, 0);
+    Some(())
+}
