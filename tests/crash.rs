@@ -154,6 +154,39 @@ fn immediate_crash_in_main() {
     assert_line(t, "main", &b.source, line_of(&b.source, "main"));
 }
 
+/// With /proc never read, the mappings the kernel resolved as the process
+/// died are all there is; they must be enough for a full, symbolized
+/// stack through libc.
+#[test]
+fn symbols_from_kernel_mappings_alone() {
+    require_root();
+    let b = build("qsort_cb.c", OMIT_FP);
+    let out = std::process::Command::new(rfh_trace())
+        .env("RFH_TRACE_TEST_NO_PROC", "1")
+        .args(["--format", "json", "--"])
+        .arg(&b.exe)
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap()
+        .to_string();
+    let r: serde_json::Value = serde_json::from_str(&line).unwrap();
+    validate(&r);
+    let t = current_thread(&r);
+    assert_order(
+        t,
+        &[
+            "compare_items",
+            "sort_items",
+            "main",
+            "__libc_start_call_main",
+        ],
+    );
+    assert_line(t, "compare_items", &b.source, line_of(&b.source, "compare"));
+}
+
 fn check_signal(arg: &str, sig: i32, name: &str, code: &str, func: &str) {
     require_root();
     let b = build("signals.c", OMIT_FP);

@@ -44,6 +44,8 @@ pub const EVENT_EXIT: u32 = 5;
 pub const EVENT_KILLED: u32 = 6;
 /// The OOM killer chose a watched process (`oom:mark_victim`).
 pub const EVENT_OOM: u32 = 7;
+/// The mappings a dying thread's stack points into, resolved as it exits.
+pub const EVENT_VMAS: u32 = 8;
 
 /// `SignalEvent::flags` bits.
 pub const SIG_F_HAS_INFO: u32 = 1 << 0;
@@ -51,6 +53,13 @@ pub const SIG_F_HAS_REGS: u32 = 1 << 1;
 /// The group-exit SIGKILL every other thread takes while a process dies:
 /// a sibling's stack at the moment of death, not a signal of its own.
 pub const SIG_F_GROUP_EXIT: u32 = 1 << 2;
+/// Not a signal: a thread's state read by the dump iterator.
+pub const SIG_F_DUMP: u32 = 1 << 3;
+/// Not a signal: a perf-event sample of a running thread.
+pub const SIG_F_SAMPLE: u32 = 1 << 4;
+/// The dumped thread was on a CPU (TASK_RUNNING): its saved registers
+/// are stale, so a sample must stand in for them.
+pub const SIG_F_RUNNING: u32 = 1 << 5;
 
 /// A file-backed mapping the faulting thread's stack or IP points into,
 /// resolved with `bpf_find_vma` while the process still exists. Userspace
@@ -165,6 +174,18 @@ pub struct ExecEvent {
 
 pub const EXEC_PATH_LEN: usize = 256;
 
+/// See `EVENT_VMAS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VmaEvent {
+    pub header: EventHeader,
+    pub pid: u32,
+    pub tid: u32,
+    pub nvmas: u32,
+    pub _pad: u32,
+    pub vmas: [Vma; VMA_MAX],
+}
+
 /// Per dying process: how many of its threads were captured at the
 /// group exit, and how many the thread cap left out.
 #[repr(C)]
@@ -205,6 +226,8 @@ pub struct KernelOffsets {
     pub sighand_action: u32,
     pub k_sigaction_size: u32,
     pub binprm_filename: u32,
+    pub task_comm: u32,
+    pub task_state: u32,
 }
 
 #[repr(C)]
@@ -252,10 +275,11 @@ assert_size!(
     core::mem::size_of::<SignalEvent>() + STACK_BUF
 );
 assert_size!(ProcEvent, 40);
-assert_size!(KernelOffsets, 22 * 4);
+assert_size!(KernelOffsets, 24 * 4);
 assert_size!(Dying, 8);
+assert_size!(VmaEvent, 24 + VMA_MAX * (40 + VMA_NAME_LEN));
 assert_size!(ExecEvent, 24 + EXEC_PATH_LEN);
-assert_size!(Config, 24 + 22 * 4);
+assert_size!(Config, 24 + 24 * 4);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod dump;
 mod procs;
 mod vma;
 
@@ -13,7 +14,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
         generated::{
             bpf_get_stack, bpf_probe_read_kernel as raw_read_kernel, bpf_probe_read_user,
@@ -159,21 +160,13 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     let rec = entry.as_mut_ptr();
     unsafe {
         let ev = addr_of_mut!((*rec).event);
-        (*ev).header = EventHeader {
-            kind: EVENT_SIGNAL,
-            len: size_of::<SignalEvent>() as u32,
-        };
-        (*ev).ktime_ns = bpf_ktime_get_ns();
-        (*ev).pid = tgid;
-        (*ev).tid = pid_tgid as u32;
+        init_record(
+            ev,
+            tgid,
+            pid_tgid as u32,
+            if group_exit { SIG_F_GROUP_EXIT } else { 0 },
+        );
         (*ev).sig = sig as i32;
-        (*ev).code = 0;
-        (*ev).errno = 0;
-        (*ev).sender_pid = 0;
-        (*ev).sender_uid = 0;
-        (*ev).addr = 0;
-        (*ev).flags = if group_exit { SIG_F_GROUP_EXIT } else { 0 };
-        (*ev).lost = take_lost();
         (*ev).handler = handler;
         if !info.is_null() {
             (*ev).flags |= SIG_F_HAS_INFO;
@@ -189,12 +182,6 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
         }
         let task = bpf_get_current_task_btf();
         fill_task(ev, task as *const u8, &cfg.offsets);
-        let regs = bpf_task_pt_regs(task as *mut _) as *const c_void;
-        let got = raw_read_kernel(
-            addr_of_mut!((*ev).regs) as *mut c_void,
-            (PT_REGS_LEN * 8) as u32,
-            regs,
-        );
         let n = bpf_get_stack(
             ctx.as_ptr(),
             addr_of_mut!((*ev).fp) as *mut c_void,
@@ -202,25 +189,81 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
             BPF_F_USER_STACK as u64,
         );
         (*ev).fp_len = if n > 0 { (n as u32) / 8 } else { 0 };
-        (*ev).stack_len = 0;
-        (*ev).stack_err = 0;
-        (*ev).nvmas = 0;
-        if got == 0 {
-            (*ev).flags |= SIG_F_HAS_REGS;
-            copy_stack(rec, (*ev).regs[REG_SP], cfg.stack_size);
-            vma::capture(task, ev);
+        if read_regs(ev, bpf_task_pt_regs(task as *mut _) as *const c_void) {
+            copy_user_stack(rec, cfg.stack_size, |d, n, src| {
+                bpf_probe_read_user(d, n, src)
+            });
+            let vmas = addr_of_mut!((*ev).vmas);
+            (*ev).nvmas = vma::capture(task, (*ev).regs[REG_IP], (*ev).regs[REG_SP], 0, vmas);
         }
-        (*ev).header.len = size_of::<SignalEvent>() as u32 + (*ev).stack_len;
     }
     entry.submit(0);
     Some(())
+}
+
+/// Everything of a record but the signal, registers and stack.
+#[inline(always)]
+unsafe fn init_record(ev: *mut SignalEvent, tgid: u32, tid: u32, flags: u32) {
+    unsafe {
+        (*ev).header = EventHeader {
+            kind: EVENT_SIGNAL,
+            len: size_of::<SignalEvent>() as u32,
+        };
+        (*ev).ktime_ns = bpf_ktime_get_ns();
+        (*ev).pid = tgid;
+        (*ev).tid = tid;
+        (*ev).sig = 0;
+        (*ev).code = 0;
+        (*ev).errno = 0;
+        (*ev).sender_pid = 0;
+        (*ev).sender_uid = 0;
+        (*ev).addr = 0;
+        (*ev).handler = 0;
+        (*ev).flags = flags;
+        (*ev).lost = take_lost();
+        (*ev).fp_len = 0;
+        (*ev).stack_len = 0;
+        (*ev).stack_err = 0;
+        (*ev).nvmas = 0;
+    }
+}
+
+/// Copies the user registers at `regs` into the record; false when they
+/// were unreadable.
+#[inline(always)]
+unsafe fn read_regs(ev: *mut SignalEvent, regs: *const c_void) -> bool {
+    unsafe {
+        let got = raw_read_kernel(
+            addr_of_mut!((*ev).regs) as *mut c_void,
+            (PT_REGS_LEN * 8) as u32,
+            regs,
+        );
+        if got == 0 {
+            (*ev).flags |= SIG_F_HAS_REGS;
+        }
+        got == 0
+    }
+}
+
+/// Copies the top of the user stack the record's registers point at.
+#[inline(always)]
+unsafe fn copy_user_stack(
+    rec: *mut SignalRecord,
+    stack_size: u32,
+    read: impl Fn(*mut c_void, u32, *const c_void) -> i64,
+) {
+    unsafe {
+        let ev = addr_of_mut!((*rec).event);
+        copy_stack(rec, (*ev).regs[REG_SP], stack_size, read);
+        (*ev).header.len = size_of::<SignalEvent>() as u32 + (*ev).stack_len;
+    }
 }
 
 /// Thread identity: comm, and pid/tid in the task's own PID namespace.
 #[inline(always)]
 unsafe fn fill_task(ev: *mut SignalEvent, task: *const u8, o: &KernelOffsets) {
     unsafe {
-        (*ev).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+        (*ev).comm = read_at::<[u8; COMM_LEN]>(task, o.task_comm).unwrap_or([0; COMM_LEN]);
         (*ev).ns_tid = ns_nr(o, task);
         (*ev).ns_pid = match read_at::<*const u8>(task, o.task_group_leader) {
             Some(leader) => ns_nr(o, leader),
@@ -238,7 +281,12 @@ unsafe fn fill_task(ev: *mut SignalEvent, task: *const u8, o: &KernelOffsets) {
 /// (the helper zero-fills on failure); the first unreadable page after
 /// readable ones is the top of the stack and ends the copy.
 #[inline(always)]
-unsafe fn copy_stack(rec: *mut SignalRecord, sp: u64, want: u32) {
+unsafe fn copy_stack(
+    rec: *mut SignalRecord,
+    sp: u64,
+    want: u32,
+    read: impl Fn(*mut c_void, u32, *const c_void) -> i64,
+) {
     let want = if want as usize > STACK_MAX {
         STACK_MAX as u32
     } else {
@@ -262,9 +310,11 @@ unsafe fn copy_stack(rec: *mut SignalRecord, sp: u64, want: u32) {
         if c == 0 || c > PAGE_SIZE {
             break;
         }
-        let r = unsafe {
-            bpf_probe_read_user(buf.add(o) as *mut c_void, c as u32, addr as *const c_void)
-        };
+        let r = read(
+            unsafe { buf.add(o) } as *mut c_void,
+            c as u32,
+            addr as *const c_void,
+        );
         if r != 0 {
             unsafe { (*ev).stack_err = r as i32 };
             if copied {

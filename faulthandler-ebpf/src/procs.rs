@@ -6,7 +6,10 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
+        bpf_probe_read_kernel_str_bytes, generated::bpf_task_pt_regs,
+    },
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
@@ -109,11 +112,14 @@ fn try_exec(ctx: &RawTracePointContext) -> Option<()> {
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
     let group_dead: u64 = ctx.arg(1);
-    if group_dead & 0xff == 0 {
-        return 0;
-    }
     if let Some(cfg) = config() {
         let (tgid, tid) = current();
+        if unsafe { DYING.get(&tgid) }.is_some() {
+            emit_vmas(cfg, tgid, tid);
+        }
+        if group_dead & 0xff == 0 {
+            return 0;
+        }
         if watched(cfg, tgid) {
             let omitted = unsafe { DYING.get(&tgid) }.map_or(0, |d| d.omitted);
             let _ = DYING.remove(&tgid);
@@ -122,6 +128,36 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
         }
     }
     0
+}
+
+/// A thread of a dying process is exiting, its mm still in place: find
+/// the mappings its stack points into (see vma.rs for why not earlier).
+fn emit_vmas(cfg: &Config, tgid: u32, tid: u32) {
+    let Some(mut entry) = EVENTS.reserve::<VmaEvent>(0) else {
+        count_lost();
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        (*ev).header = EventHeader {
+            kind: EVENT_VMAS,
+            len: size_of::<VmaEvent>() as u32,
+        };
+        (*ev).pid = tgid;
+        (*ev).tid = tid;
+        (*ev)._pad = 0;
+        (*ev).nvmas = 0;
+        let task = bpf_get_current_task_btf();
+        let regs = bpf_task_pt_regs(task) as *const u8;
+        if let (Some(ip), Some(sp)) = (
+            read_at::<u64>(regs, REG_IP as u32 * 8),
+            read_at::<u64>(regs, REG_SP as u32 * 8),
+        ) {
+            let vmas = core::ptr::addr_of_mut!((*ev).vmas);
+            (*ev).nvmas = crate::vma::capture(task, ip, sp, cfg.stack_size / 8, vmas);
+        }
+    }
+    entry.submit(0);
 }
 
 const SYS_MMAP: u64 = 9;

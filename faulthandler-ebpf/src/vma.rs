@@ -1,13 +1,20 @@
-//! Resolve, in the kernel, the mappings that the faulting thread's IP and
+//! Resolve, in the kernel, the mappings that a dying thread's IP and
 //! stack words point into.
 //!
 //! Userspace normally knows a watched process's mappings ahead of time
 //! (read from /proc at attach, exec and executable mmap). A process that
 //! crashes microseconds after exec can die before that read happens, and
 //! by the time userspace handles the event its mm is gone. The return
-//! addresses a DWARF unwind will visit all sit in the copied stack, so
-//! looking each plausible code pointer up with `bpf_find_vma` now gives
-//! userspace every mapping it can need, whatever it learned in time.
+//! addresses a DWARF unwind will visit all sit in the stack, so looking
+//! each plausible code pointer up with `bpf_find_vma` gives userspace
+//! every mapping it can need, whatever it learned in time.
+//!
+//! `signal_deliver` runs under the siglock with interrupts off, where
+//! `bpf_find_vma` can unlock the mm only through a per-CPU irq_work: the
+//! first lookup succeeds and every later one fails with EBUSY until
+//! interrupts are back on. So the signal records only the IP's mapping,
+//! and the stack scan runs at `sched_process_exit`, which this kernel
+//! fires before `exit_mm`, with interrupts on.
 
 use core::{ffi::c_void, ptr::addr_of_mut};
 
@@ -38,33 +45,42 @@ static SCAN: PerCpuArray<ScanState> = PerCpuArray::with_max_entries(1, 0);
 const USER_MIN: u64 = 0x1000;
 const USER_MAX: u64 = 0x0000_8000_0000_0000;
 
-pub unsafe fn capture(task: *mut aya_ebpf::bindings::task_struct, ev: *mut SignalEvent) {
+/// Records the mapping of `ip` and of every code-looking word among the
+/// `words` stack words above `sp` into `out`; returns how many.
+pub unsafe fn capture(
+    task: *mut aya_ebpf::bindings::task_struct,
+    ip: u64,
+    sp: u64,
+    words: u32,
+    out: *mut [Vma; VMA_MAX],
+) -> u32 {
     let Some(st) = SCAN.get_ptr_mut(0) else {
-        return;
+        return 0;
     };
     unsafe {
-        (*st).sp = (*ev).regs[REG_SP];
-        (*st).words = ((*ev).stack_len / 8) as u64;
+        (*st).sp = sp;
+        (*st).words = words as u64;
         (*st).n = 0;
-        lookup(task, (*ev).regs[REG_IP]);
-        bpf_loop(
-            (*st).words as u32,
-            scan_word as *const () as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        );
+        lookup(task, ip);
+        if words > 0 {
+            bpf_loop(
+                words,
+                scan_word as *const () as *mut c_void,
+                core::ptr::null_mut(),
+                0,
+            );
+        }
         let n = (*st).n;
-        let n = if n > VMA_MAX as u64 {
-            VMA_MAX as u64
-        } else {
-            n
-        };
-        (*ev).nvmas = n as u32;
         raw_read_kernel(
-            addr_of_mut!((*ev).vmas) as *mut c_void,
+            out as *mut c_void,
             core::mem::size_of::<[Vma; VMA_MAX]>() as u32,
             addr_of_mut!((*st).vmas) as *const c_void,
         );
+        if n > VMA_MAX as u64 {
+            VMA_MAX as u32
+        } else {
+            n as u32
+        }
     }
 }
 

@@ -304,6 +304,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         sighand_action: m("sighand_struct", "action")?,
         k_sigaction_size: btf.struct_size("k_sigaction")?,
         binprm_filename: m("linux_binprm", "filename")?,
+        task_comm: m("task_struct", "comm")?,
+        task_state: m("task_struct", "__state")?,
     })
 }
 

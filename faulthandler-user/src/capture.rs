@@ -4,12 +4,17 @@
 //! Nothing is pinned: every program and map lives only as long as this
 //! process's file descriptors, so Ctrl-C or `kill -9` detaches everything.
 
-use std::{os::fd::AsRawFd, time::Duration};
+use std::{io::Read, os::fd::AsRawFd, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
-    programs::RawTracePoint,
+    programs::{
+        Iter, PerfEvent, RawTracePoint,
+        perf_event::{
+            PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
+        },
+    },
 };
 use faulthandler_common::{CFG_ALL, CFG_FOLLOW, Config, KernelOffsets, STACK_MAX};
 use thiserror::Error;
@@ -49,6 +54,10 @@ pub enum CaptureError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("kernel BTF is needed to load the task iterator")]
+    Btf(#[source] aya::BtfError),
+    #[error("task iterator failed: {0}")]
+    Iter(String),
     #[error("failed to wait for events")]
     Poll(#[source] std::io::Error),
 }
@@ -60,11 +69,16 @@ pub struct CaptureOptions {
     pub stack_size: u32,
     pub max_threads: u32,
     pub offsets: KernelOffsets,
+    /// Load the dump iterator and the sampler (dumps, timeouts,
+    /// --on-signal); they cost start-up time, so only when needed.
+    pub dumps: bool,
 }
 
 pub struct Capture {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
+    /// Per-CPU profiling events, kept for as long as profiling runs.
+    profiling: Vec<PerfEventLinkId>,
 }
 
 fn is_permission_error(e: &aya::EbpfError) -> bool {
@@ -124,7 +138,94 @@ impl Capture {
             name: "EVENTS",
             source,
         })?;
-        Ok(Self { ebpf, events })
+        if opts.dumps {
+            let btf = aya::Btf::from_sys_fs().map_err(CaptureError::Btf)?;
+            let iter: &mut Iter = program(&mut ebpf, "dump_task")?;
+            iter.load("task", &btf)
+                .map_err(program_error("dump_task"))?;
+            let sample: &mut PerfEvent = program(&mut ebpf, "sample")?;
+            sample.load().map_err(program_error("sample"))?;
+        }
+        Ok(Self {
+            ebpf,
+            events,
+            profiling: Vec::new(),
+        })
+    }
+
+    fn set_dump_target(&mut self, tgid: u32) -> Result<(), CaptureError> {
+        let mut target: Array<_, u32> = Array::try_from(map(&mut self.ebpf, "DUMP_TARGET")?)
+            .map_err(|source| CaptureError::Map {
+                name: "DUMP_TARGET",
+                source,
+            })?;
+        target.set(0, tgid, 0).map_err(|source| CaptureError::Map {
+            name: "DUMP_TARGET",
+            source,
+        })
+    }
+
+    /// Runs the task iterator over `tgid`'s threads: one dump record per
+    /// thread lands in the ring buffer before this returns.
+    pub fn dump(&mut self, tgid: u32) -> Result<(), CaptureError> {
+        self.set_dump_target(tgid)?;
+        let iter: &mut Iter = program(&mut self.ebpf, "dump_task")?;
+        let link_id = iter.attach().map_err(program_error("dump_task"))?;
+        let link = iter
+            .take_link(link_id)
+            .map_err(program_error("dump_task"))?;
+        let mut file = link
+            .into_file()
+            .map_err(|e| CaptureError::Iter(e.to_string()))?;
+        // Reading the iterator runs it; the program writes nothing here.
+        let mut sink = Vec::new();
+        file.read_to_end(&mut sink)
+            .map_err(|e| CaptureError::Iter(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Samples each of `tids` on the CPU clock for `span`: threads that
+    /// were running when dumped are caught in their own context.
+    pub fn sample_threads(&mut self, tids: &[u32], span: Duration) -> Result<(), CaptureError> {
+        let prog: &mut PerfEvent = program(&mut self.ebpf, "sample")?;
+        let mut links = Vec::new();
+        for &tid in tids {
+            // A thread that has exited meanwhile simply has no sample.
+            if let Ok(l) = prog.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::OneProcess {
+                    pid: tid,
+                    cpu: None,
+                },
+                SamplePolicy::Period(1_000_000),
+                false,
+            ) {
+                links.push(l);
+            }
+        }
+        std::thread::sleep(span);
+        for l in links {
+            let _ = prog.detach(l);
+        }
+        Ok(())
+    }
+
+    /// Samples every CPU at `hz`; the sampler keeps only watched processes.
+    pub fn start_profiling(&mut self, hz: u64) -> Result<(), CaptureError> {
+        let cpus = aya::util::online_cpus().map_err(|(_, e)| CaptureError::Poll(e))?;
+        let prog: &mut PerfEvent = program(&mut self.ebpf, "sample")?;
+        for cpu in cpus {
+            let l = prog
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Frequency(hz),
+                    false,
+                )
+                .map_err(program_error("sample"))?;
+            self.profiling.push(l);
+        }
+        Ok(())
     }
 
     /// Adds a process to the in-kernel watch set.
@@ -197,6 +298,16 @@ fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> 
         };
         CaptureError::Program { name, summary }
     }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(CaptureError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error(name))
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, CaptureError> {

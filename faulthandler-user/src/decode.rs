@@ -5,7 +5,7 @@ use std::mem::size_of;
 
 use faulthandler_common::{
     EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_KILLED, EVENT_MMAP, EVENT_OOM, EVENT_SIGNAL,
-    EventHeader, ExecEvent, ProcEvent, STACK_MAX, SignalEvent,
+    EVENT_VMAS, EventHeader, ExecEvent, ProcEvent, STACK_MAX, SignalEvent, VmaEvent,
 };
 use thiserror::Error;
 
@@ -34,6 +34,7 @@ pub enum Event {
     Exit(ProcEvent),
     Killed(ProcEvent),
     Oom(ProcEvent),
+    Vmas(Box<VmaEvent>),
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> T {
@@ -74,6 +75,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             }
             let stack = bytes[size_of::<SignalEvent>()..len].to_vec();
             Ok(Event::Signal(Box::new(SignalCapture { event, stack })))
+        }
+        EVENT_VMAS => {
+            need(size_of::<VmaEvent>())?;
+            Ok(Event::Vmas(Box::new(read(bytes))))
         }
         EVENT_EXEC => {
             need(size_of::<ExecEvent>())?;

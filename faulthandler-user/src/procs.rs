@@ -9,7 +9,7 @@
 //! exist only in the process's mount namespace.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::{self, File},
     io::{self, Read, Seek, SeekFrom},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
@@ -35,6 +35,8 @@ pub struct ProcInfo {
     pub uid: Option<u32>,
     pub cgroup: Option<String>,
     pub modules: Vec<Module>,
+    /// The `Tracker.files` keys `modules` were opened through, each once.
+    file_keys: Vec<(u64, u64)>,
 }
 
 struct OpenFile {
@@ -49,13 +51,33 @@ impl OpenFile {
     }
 }
 
-#[derive(Default)]
+/// Above this many cached open files, the ones no tracked process maps
+/// any more are closed.
+const MAX_OPEN_FILES: usize = 4096;
+
 pub struct Tracker {
     procs: HashMap<u32, ProcInfo>,
     /// The path each process last exec'd, resolved to an absolute path.
     exec_paths: HashMap<u32, PathBuf>,
+    /// Mappings the kernel resolved while a process's threads exited.
+    exit_vmas: HashMap<u32, Vec<Vma>>,
     /// Keyed by (kernel dev, inode): one handle per file across processes.
+    /// Files outlive the processes that mapped them (the next process of
+    /// the same binary reuses them) until `evict` closes them.
     files: HashMap<(u64, u64), OpenFile>,
+    /// `MAX_OPEN_FILES`, smaller in tests.
+    file_limit: usize,
+    /// `files.len()` above which the next refresh runs an eviction pass.
+    /// Raised past what the last pass kept, so that with more than
+    /// `file_limit` files in use a pass runs once per `file_limit / 4` new
+    /// files rather than on every refresh.
+    evict_above: usize,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self::with_file_limit(MAX_OPEN_FILES)
+    }
 }
 
 struct MapsLine<'a> {
@@ -94,8 +116,32 @@ fn parse_maps_line(line: &str) -> Option<MapsLine<'_>> {
 }
 
 impl Tracker {
+    fn with_file_limit(file_limit: usize) -> Self {
+        Self {
+            procs: HashMap::new(),
+            exec_paths: HashMap::new(),
+            exit_vmas: HashMap::new(),
+            files: HashMap::new(),
+            file_limit,
+            evict_above: file_limit,
+        }
+    }
+
     pub fn get(&self, pid: u32) -> Option<&ProcInfo> {
         self.procs.get(&pid)
+    }
+
+    /// Keeps mappings the kernel resolved as a thread of `pid` exited.
+    pub fn add_vmas(&mut self, pid: u32, vmas: &[Vma]) {
+        self.exit_vmas
+            .entry(pid)
+            .or_default()
+            .extend_from_slice(vmas);
+    }
+
+    /// Every process known.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.keys().copied().collect()
     }
 
     /// The path `pid` last exec'd, as resolved when it did.
@@ -108,6 +154,7 @@ impl Tracker {
     pub fn forget(&mut self, pid: u32) {
         self.procs.remove(&pid);
         self.exec_paths.remove(&pid);
+        self.exit_vmas.remove(&pid);
         // Files stay cached: the next process of the same binary reuses them.
     }
 
@@ -133,9 +180,59 @@ impl Tracker {
     /// has already gone (or is going: its maps read empty); what was known
     /// before is kept then.
     pub fn refresh(&mut self, pid: u32) -> io::Result<()> {
+        // A test knob: act as if every process died before /proc could be
+        // read, so only the kernel-side mapping capture is left.
+        if std::env::var_os("RFH_TRACE_TEST_NO_PROC").is_some() {
+            return Err(io::Error::other(
+                "/proc reads disabled by RFH_TRACE_TEST_NO_PROC",
+            ));
+        }
+        let r = self.read_proc(pid);
+        self.evict();
+        r
+    }
+
+    /// Refreshes every process in /proc but ours, so that processes already
+    /// running when `--all` starts are symbolized too. Kernel threads (and
+    /// processes exiting or unreadable) have no maps to read and are
+    /// skipped. Returns how many processes were read.
+    pub fn refresh_all(&mut self) -> usize {
+        let own = std::process::id();
+        let Ok(dir) = fs::read_dir("/proc") else {
+            return 0;
+        };
+        let pids: Vec<u32> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&p| p != own)
+            .collect();
+        let read = pids
+            .into_iter()
+            .filter(|&p| self.read_proc(p).is_ok())
+            .count();
+        self.evict();
+        read
+    }
+
+    /// With more than `file_limit` files open, closes those no tracked
+    /// process maps any more.
+    fn evict(&mut self) {
+        if self.files.len() <= self.evict_above {
+            return;
+        }
+        let used: HashSet<(u64, u64)> = self
+            .procs
+            .values()
+            .flat_map(|p| p.file_keys.iter().copied())
+            .collect();
+        self.files.retain(|k, _| used.contains(k));
+        self.evict_above = self.file_limit.max(self.files.len() + self.file_limit / 4);
+    }
+
+    fn read_proc(&mut self, pid: u32) -> io::Result<()> {
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         let maps = fs::read_to_string(proc_dir.join("maps"))?;
         let mut modules = Vec::new();
+        let mut file_keys = Vec::new();
         for line in maps.lines() {
             let Some(m) = parse_maps_line(line) else {
                 continue;
@@ -148,6 +245,9 @@ impl Tracker {
                 self.files.insert(key, f);
             }
             let f = &self.files[&key];
+            if !file_keys.contains(&key) {
+                file_keys.push(key);
+            }
             modules.push(Module {
                 open_path: f.open_path(),
                 name: m.path.trim_end_matches(" (deleted)").to_string(),
@@ -198,6 +298,7 @@ impl Tracker {
                         .find_map(|l| l.strip_prefix("0::").map(str::to_string))
                 }),
             modules,
+            file_keys,
         };
         self.procs.insert(pid, info);
         Ok(())
@@ -212,7 +313,12 @@ impl Tracker {
             .get(&pid)
             .map(|p| p.modules.clone())
             .unwrap_or_default();
-        for v in vmas {
+        let at_exit = self
+            .exit_vmas
+            .get(&pid)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for v in vmas.iter().chain(at_exit) {
             const VM_EXEC: u32 = 4;
             if v.vm_flags & VM_EXEC == 0
                 || v.ino == 0
@@ -439,8 +545,92 @@ mod tests {
         let pid = std::process::id();
         t.refresh(pid).unwrap();
         let info = t.get(pid).unwrap();
-        let here = tracks_itself as usize as u64;
+        let here = tracks_itself as *const () as usize as u64;
         let m = crate::modules::find(&info.modules, here).expect("own text mapping");
         assert!(info.exe.as_deref().is_some_and(|e| m.name == e));
+    }
+
+    fn file_keys(t: &Tracker) -> HashSet<(u64, u64)> {
+        t.files.keys().copied().collect()
+    }
+
+    fn keys_of(t: &Tracker, pid: u32) -> HashSet<(u64, u64)> {
+        t.get(pid).unwrap().file_keys.iter().copied().collect()
+    }
+
+    /// Entries no process references, as a forgotten process leaves.
+    fn add_stale(t: &mut Tracker, n: u64) -> HashSet<(u64, u64)> {
+        (0..n)
+            .map(|i| {
+                let key = (u64::MAX, i);
+                let file = File::open("/dev/null").unwrap();
+                let name = "/dev/null".to_string();
+                t.files.insert(
+                    key,
+                    OpenFile {
+                        file,
+                        name,
+                        build_id: None,
+                    },
+                );
+                key
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unused_files_are_closed_above_the_limit() {
+        let own = std::process::id();
+        let parent = std::os::unix::process::parent_id();
+
+        // At or under the limit nothing is closed.
+        let mut t = Tracker::with_file_limit(1000);
+        let stale = add_stale(&mut t, 3);
+        t.refresh(own).unwrap();
+        assert!(stale.is_subset(&file_keys(&t)));
+
+        // Over it, only what no tracked process maps is closed.
+        let mut t = Tracker::with_file_limit(0);
+        let stale = add_stale(&mut t, 3);
+        t.refresh(own).unwrap();
+        let own_keys = keys_of(&t, own);
+        assert!(!own_keys.is_empty());
+        assert_eq!(file_keys(&t), own_keys);
+        // Modules still open through live handles of the same files.
+        for m in &t.get(own).unwrap().modules {
+            let (a, b) = (fs::metadata(&m.open_path).unwrap(), fs::metadata(&m.name));
+            assert!(
+                b.is_ok_and(|b| (a.dev(), a.ino()) == (b.dev(), b.ino())),
+                "{m:?}"
+            );
+        }
+
+        // A forgotten process's files go once another refresh overflows,
+        // except those another tracked process maps too.
+        t.forget(own);
+        add_stale(&mut t, 3);
+        t.refresh(parent).unwrap();
+        assert_eq!(file_keys(&t), keys_of(&t, parent));
+        assert!(file_keys(&t).is_disjoint(&stale));
+
+        // The default limit leaves a small cache alone.
+        let mut t = Tracker::default();
+        let stale = add_stale(&mut t, 3);
+        t.refresh(own).unwrap();
+        assert!(stale.is_subset(&file_keys(&t)));
+    }
+
+    #[test]
+    fn refresh_all_reads_running_processes() {
+        let mut t = Tracker::default();
+        let n = t.refresh_all();
+        let parent = std::os::unix::process::parent_id();
+        assert!(n >= 1, "{n}");
+        let info = t.get(parent).expect("parent process read");
+        assert!(!info.modules.is_empty());
+        assert!(t.get(std::process::id()).is_none(), "own pid skipped");
+        // Kernel threads (kthreadd is pid 2 on a host) are skipped.
+        let kthreadd = fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
+        assert!(!kthreadd || t.get(2).is_none());
     }
 }

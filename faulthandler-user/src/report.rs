@@ -75,6 +75,11 @@ pub struct Report {
     pub threads: Vec<Thread>,
     /// Threads not captured because of `--max-threads`.
     pub threads_omitted: u32,
+    /// Timeout reports: where the CPU time went since the watch began or
+    /// the previous dump (see profile.rs for the shape).
+    pub profile: Option<serde_json::Value>,
+    #[serde(skip)]
+    pub profile_text: Option<String>,
     pub lost_events: u64,
 }
 
@@ -152,6 +157,9 @@ impl Report {
                 "warning: {} events were lost before this report",
                 self.lost_events
             );
+        }
+        if let Some(p) = &self.profile_text {
+            out.push_str(p);
         }
         if self.threads_omitted > 0 {
             let _ = writeln!(

@@ -1,23 +1,27 @@
-//! Start-up checks, the three watch modes (`-- COMMAND`, `--pid`, `--all`)
-//! and the child process for `-- COMMAND`.
+//! Start-up checks, the three watch modes (`-- COMMAND`, `--pid`,
+//! `--all`) with their timeout dumps, and `rfh-trace dump`.
 
-use std::{ffi::CString, io::IsTerminal, sync::atomic::Ordering, time::Duration};
+use std::{
+    io::IsTerminal,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 use thiserror::Error;
 
 use crate::{
     btf,
     capture::{Capture, CaptureError, CaptureOptions},
-    cli::{Cli, Format},
+    cli::{Cli, Cmd, Format},
     output::{self, Sink},
-    signals,
+    signals, spawn,
     watch::{STOP, WatchOptions, Watcher, stop_requested},
 };
 
 #[derive(Debug, Error)]
 pub enum RunError {
     #[error(
-        "rfh-trace needs root, or CAP_BPF and CAP_PERFMON: run it with sudo (for example `sudo rfh-trace -- ./app`)"
+        "rfh-trace needs root (or CAP_SYS_ADMIN, or CAP_BPF, CAP_PERFMON and CAP_CHECKPOINT_RESTORE): run it with sudo (for example `sudo rfh-trace -- ./app`)"
     )]
     NotPrivileged,
     #[error(transparent)]
@@ -44,7 +48,9 @@ pub enum RunError {
     },
 }
 
-/// CAP_PERFMON (38) and CAP_BPF (39), or CAP_SYS_ADMIN (21), in CapEff.
+/// Root, or in CapEff CAP_SYS_ADMIN (21), or all of CAP_PERFMON (38) and
+/// CAP_BPF (39) for the probes and CAP_CHECKPOINT_RESTORE (40) for
+/// /proc/PID/map_files.
 fn privileged() -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
@@ -56,7 +62,7 @@ fn privileged() -> bool {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
     let has = |bit: u32| caps & (1 << bit) != 0;
-    has(21) || (has(38) && has(39))
+    has(21) || (has(38) && has(39) && has(40))
 }
 
 fn check_pid(pid: i64) -> Result<u32, RunError> {
@@ -97,6 +103,9 @@ extern "C" fn on_stop(_: libc::c_int) {
 
 /// Runs rfh-trace; returns the process exit status.
 pub fn run(cli: Cli) -> Result<i32, RunError> {
+    if let Some(Cmd::Dump { pid }) = cli.cmd {
+        return dump(&cli, pid);
+    }
     let has_command = !cli.command.is_empty();
     if has_command && (cli.all || !cli.pids.is_empty()) {
         return Err(RunError::BothModes);
@@ -106,11 +115,56 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
     }
     // Validate everything the user typed before touching the kernel.
     let mask = signal_mask(&cli.signals)?;
+    let on_signal = cli
+        .on_signal
+        .iter()
+        .map(|n| signals::parse(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let on_signal = on_signal.iter().fold(0u64, |m, &s| m | (1u64 << s));
     let pids = cli
         .pids
         .iter()
         .map(|&p| check_pid(p))
         .collect::<Result<Vec<_>, _>>()?;
+    let dumps = cli.timeout.is_some() || on_signal != 0;
+    let mut w = watcher(&cli, mask | on_signal, dumps)?;
+    w.on_signal = on_signal;
+    if cli.timeout.is_some() {
+        w.capture.start_profiling(PROFILE_HZ)?;
+        w.keep_profiles(cli.flamegraph.clone());
+    }
+    unsafe {
+        libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
+    }
+    let mode = if has_command {
+        Mode::Command(spawn::spawn(&mut w, &cli.command)?)
+    } else if cli.all {
+        w.tracker.refresh_all();
+        Mode::All
+    } else {
+        for &p in &pids {
+            w.capture.watch(p)?;
+            // Threads and mappings as of now; exec/mmap events keep it fresh.
+            let _ = w.tracker.refresh(p);
+        }
+        Mode::Pids(pids)
+    };
+    let timer = cli.timeout.map(|every| Timer {
+        every,
+        repeat: cli.repeat,
+        exit: cli.exit,
+        next: Instant::now() + every,
+    });
+    watch_loop(&mut w, mode, timer)
+}
+
+/// CPU sampling rate for `--timeout` profiles: low enough to cost the
+/// watched process well under 1%, odd so it does not beat with timers.
+const PROFILE_HZ: u64 = 49;
+
+/// Checks, the output sink, kernel offsets and the loaded programs.
+fn watcher(cli: &Cli, signal_mask: u64, dumps: bool) -> Result<Watcher, RunError> {
     let sink = match &cli.output {
         Some(path) => Sink::File(output::open(path)?),
         None => Sink::Stderr,
@@ -122,157 +176,108 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
     let capture = Capture::start(&CaptureOptions {
         all: cli.all,
         follow: !cli.no_follow,
-        signal_mask: mask,
+        signal_mask,
         stack_size: cli.stack_size,
         max_threads: cli.max_threads,
         offsets,
+        dumps,
     })?;
     let color = cli.output.is_none()
         && std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none();
-    let mut w = Watcher::new(
-        capture,
-        sink,
-        WatchOptions {
-            json: cli.format == Format::Json,
-            color,
-            max_frames: cli.max_frames,
-        },
-    );
-    unsafe {
-        libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
-    }
-    if has_command {
-        return run_command(&mut w, &cli.command);
-    }
-    for &p in &pids {
-        w.capture.watch(p)?;
-        // Threads and mappings as of now; exec/mmap events keep it fresh.
-        let _ = w.tracker.refresh(p);
-    }
-    let mut alive = pids;
-    while !stop_requested() && (cli.all || !alive.is_empty()) {
-        w.poll(Duration::from_millis(200))?;
-        let exited = w.take_exited();
-        alive.retain(|p| !exited.contains(p) && unsafe { libc::kill(*p as i32, 0) } == 0);
-    }
-    w.poll(Duration::ZERO)?;
-    w.flush();
+    let opts = WatchOptions {
+        json: cli.format == Format::Json,
+        color,
+        max_frames: cli.max_frames,
+    };
+    Ok(Watcher::new(capture, sink, opts))
+}
+
+/// `rfh-trace dump PID`.
+fn dump(cli: &Cli, pid: i64) -> Result<i32, RunError> {
+    let pid = check_pid(pid)?;
+    let mut w = watcher(cli, 0, true)?;
+    let _ = w.tracker.refresh(pid);
+    let report = w.dump_report(pid, "on_demand")?;
+    w.emit(&report);
     Ok(0)
 }
 
-/// The user sudo was invoked by, if we are root because of sudo.
-fn sudo_ids() -> Option<(libc::uid_t, libc::gid_t)> {
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let uid = std::env::var("SUDO_UID").ok()?.parse().ok()?;
-    let gid = std::env::var("SUDO_GID").ok()?.parse().ok()?;
-    Some((uid, gid))
+enum Mode {
+    Command(libc::pid_t),
+    Pids(Vec<u32>),
+    All,
 }
 
-fn run_command(w: &mut Watcher, command: &[String]) -> Result<i32, RunError> {
-    let spawn_err = |source| RunError::Spawn {
-        cmd: command[0].clone(),
-        source,
-    };
-    let args: Vec<CString> = command
-        .iter()
-        .map(|a| CString::new(a.as_bytes()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| spawn_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
-    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-    argv.push(std::ptr::null());
-    let ids = sudo_ids();
-    // Supplementary groups must be looked up before fork: getgrouplist is
-    // not async-signal-safe.
-    let groups = ids
-        .map(|(uid, gid)| supplementary_groups(uid, gid))
-        .unwrap_or_default();
-    let not_found =
-        CString::new(format!("rfh-trace: {}: command not found\n", command[0])).unwrap_or_default();
+struct Timer {
+    every: Duration,
+    repeat: bool,
+    exit: bool,
+    next: Instant,
+}
 
-    let mut go = [0i32; 2];
-    if unsafe { libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(spawn_err(std::io::Error::last_os_error()));
-    }
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        return Err(spawn_err(std::io::Error::last_os_error()));
-    }
-    if child == 0 {
-        // Only async-signal-safe calls from here to exec.
-        unsafe {
-            libc::close(go[1]);
-            let mut b = 0u8;
-            // Wait until the parent has put us in the watch map, so a
-            // crash in the first instruction is still caught.
-            libc::read(go[0], (&mut b as *mut u8).cast(), 1);
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
-            libc::signal(libc::SIGTERM, libc::SIG_DFL);
-            if let Some((uid, gid)) = ids {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    libc::_exit(126);
-                }
-            }
-            libc::execvp(argv[0], argv.as_ptr());
-            let code = if *libc::__errno_location() == libc::ENOENT {
-                127
-            } else {
-                126
-            };
-            libc::write(2, not_found.as_ptr().cast(), not_found.as_bytes().len());
-            libc::_exit(code);
-        }
-    }
-    unsafe { libc::close(go[0]) };
-    let watched = w.capture.watch(child as u32);
-    unsafe {
-        libc::write(go[1], [1u8].as_ptr().cast(), 1);
-        libc::close(go[1]);
-    }
-    watched?;
+/// timeout(1)'s status for "the time ran out and the command was killed".
+const TIMED_OUT: i32 = 124;
+
+fn watch_loop(w: &mut Watcher, mut mode: Mode, mut timer: Option<Timer>) -> Result<i32, RunError> {
+    let mut timed_out = false;
     let status = loop {
         w.poll(Duration::from_millis(100))?;
-        let mut status = 0;
-        let r = unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) };
-        if r == child {
-            break status;
+        let exited = w.take_exited();
+        match &mut mode {
+            Mode::Command(child) => {
+                let mut status = 0;
+                if unsafe { libc::waitpid(*child, &mut status, libc::WNOHANG) } == *child {
+                    break Some(status);
+                }
+                // Ctrl-C reaches the command too (same process group);
+                // keep watching until it has actually exited.
+                STOP.store(false, Ordering::Relaxed);
+            }
+            Mode::Pids(alive) => {
+                alive.retain(|p| !exited.contains(p) && unsafe { libc::kill(*p as i32, 0) } == 0);
+                if alive.is_empty() || stop_requested() {
+                    break None;
+                }
+            }
+            Mode::All if stop_requested() => break None,
+            Mode::All => {}
         }
-        // Ctrl-C reaches the command too (same process group); keep
-        // watching until it has actually exited.
-        STOP.store(false, Ordering::Relaxed);
+        let Some(t) = timer.as_mut().filter(|t| Instant::now() >= t.next) else {
+            continue;
+        };
+        let targets = match &mode {
+            Mode::Command(child) => vec![*child as u32],
+            Mode::Pids(alive) => alive.clone(),
+            Mode::All => w.tracker.pids(),
+        };
+        for pid in &targets {
+            match w.dump_report(*pid, "timeout") {
+                Ok(r) => w.emit(&r),
+                Err(e) => eprintln!("rfh-trace: cannot dump pid {pid}: {e}"),
+            }
+        }
+        if t.exit {
+            for pid in &targets {
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            }
+            timed_out = true;
+            timer = None;
+        } else if t.repeat {
+            t.next += t.every;
+        } else {
+            timer = None;
+        }
     };
     // The crash and exit events were written before the process was
     // reaped; drain them.
     w.poll(Duration::from_millis(10))?;
     w.flush();
-    Ok(if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else if libc::WIFSIGNALED(status) {
-        128 + libc::WTERMSIG(status)
-    } else {
-        1
+    Ok(match status {
+        _ if timed_out => TIMED_OUT,
+        None => 0,
+        Some(s) if libc::WIFEXITED(s) => libc::WEXITSTATUS(s),
+        Some(s) if libc::WIFSIGNALED(s) => 128 + libc::WTERMSIG(s),
+        Some(_) => 1,
     })
-}
-
-fn supplementary_groups(uid: libc::uid_t, gid: libc::gid_t) -> Vec<libc::gid_t> {
-    let pw = unsafe { libc::getpwuid(uid) };
-    if pw.is_null() {
-        return vec![gid];
-    }
-    let mut n: libc::c_int = 64;
-    let mut groups = vec![0 as libc::gid_t; n as usize];
-    unsafe {
-        if libc::getgrouplist((*pw).pw_name, gid, groups.as_mut_ptr(), &mut n) < 0 {
-            groups.resize(n as usize, 0);
-            libc::getgrouplist((*pw).pw_name, gid, groups.as_mut_ptr(), &mut n);
-        }
-    }
-    groups.truncate(n.max(0) as usize);
-    groups
 }

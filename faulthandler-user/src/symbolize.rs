@@ -19,11 +19,14 @@ const DEFAULT_DEBUG_DIRS: &[&str] = &["/usr/lib/debug", "/lib/debug"];
 #[derive(Default)]
 struct FileInfo {
     build_id: Option<Vec<u8>>,
-    /// blazesym only tries `.build-id/xx/yyyy.debug` while following a
-    /// `.gnu_debuglink`; for a file with a build-id but neither DWARF nor a
-    /// debuglink we find the debug file ourselves and look up virtual
-    /// addresses in it, hence the file's PT_LOADs.
+    /// `.build-id/xx/yyyy.debug` under a debug dir, with the file's PT_LOADs
+    /// to look up virtual addresses in it. blazesym only tries that path
+    /// while following a `.gnu_debuglink`; for a file with neither DWARF
+    /// nor a debuglink we symbolize with it ourselves. Its `.symtab` also
+    /// holds the local symbols (`foo.cold`) a stripped file lacks.
     build_id_debug: Option<(PathBuf, Loads)>,
+    /// The file has DWARF or a `.gnu_debuglink`, which blazesym follows.
+    own_debug: bool,
 }
 
 /// (p_offset, p_filesz, p_vaddr) of each PT_LOAD.
@@ -32,6 +35,7 @@ type Loads = Vec<(u64, u64, u64)>;
 static NO_INFO: FileInfo = FileInfo {
     build_id: None,
     build_id_debug: None,
+    own_debug: false,
 };
 
 /// File identity rather than path: `open_path` is often a per-process alias
@@ -112,6 +116,18 @@ impl Symbolizer {
                 .map(|&i| module.file_offset_of(lookup(i)))
                 .collect();
             let syms = lookup_batch(&self.inner, module, info, &offsets);
+            // Offsets whose function blazesym could not place them in.
+            let misplaced: Vec<usize> = (0..syms.len())
+                .filter(|&k| matches!(&syms[k], Symbolized::Sym(s) if !offset_known(s)))
+                .collect();
+            let mut elf_syms: Vec<Option<(String, u64)>> = vec![None; syms.len()];
+            if !misplaced.is_empty() {
+                let wanted: Vec<u64> = misplaced.iter().map(|&k| offsets[k]).collect();
+                let found = elf_symbols(&self.inner, module, info, &wanted);
+                for (k, f) in misplaced.into_iter().zip(found) {
+                    elf_syms[k] = f;
+                }
+            }
             for (k, &i) in idxs.iter().enumerate() {
                 let base = Frame {
                     address: hex(addrs[i]),
@@ -122,7 +138,9 @@ impl Symbolizer {
                     ..Frame::default()
                 };
                 per_addr[i] = match syms.get(k) {
-                    Some(Symbolized::Sym(sym)) => frames_of(sym, base, addrs[i] - lookup(i)),
+                    Some(Symbolized::Sym(sym)) => {
+                        frames_of(sym, elf_syms[k].take(), base, addrs[i] - lookup(i))
+                    }
                     _ => vec![base],
                 };
             }
@@ -140,20 +158,11 @@ fn lookup_batch<'a>(
     offsets: &[u64],
 ) -> Vec<Symbolized<'a>> {
     let result = match &info.build_id_debug {
-        Some((debug_file, loads)) => {
-            let virt: Vec<u64> = offsets
-                .iter()
-                .map(|&off| {
-                    loads
-                        .iter()
-                        .find(|&&(p_off, p_filesz, _)| off >= p_off && off - p_off < p_filesz)
-                        // No address maps to u64::MAX, so it comes back unknown.
-                        .map_or(u64::MAX, |&(p_off, _, p_vaddr)| off - p_off + p_vaddr)
-                })
-                .collect();
-            inner.symbolize(&Source::Elf(Elf::new(debug_file)), Input::VirtOffset(&virt))
-        }
-        None => inner.symbolize(
+        Some((debug_file, loads)) if !info.own_debug => inner.symbolize(
+            &Source::Elf(Elf::new(debug_file)),
+            Input::VirtOffset(&virt_offsets(loads, offsets)),
+        ),
+        _ => inner.symbolize(
             &Source::Elf(Elf::new(&module.open_path)),
             Input::FileOffset(offsets),
         ),
@@ -161,9 +170,81 @@ fn lookup_batch<'a>(
     result.unwrap_or_default()
 }
 
-/// `delta` is how far the printed address lies past the looked-up one, so
-/// function_offset matches the printed address.
-fn frames_of(sym: &Sym<'_>, base: Frame, delta: u64) -> Vec<Frame> {
+/// Virtual addresses of file offsets, through the file's PT_LOADs.
+fn virt_offsets(loads: &Loads, offsets: &[u64]) -> Vec<u64> {
+    offsets
+        .iter()
+        .map(|&off| {
+            loads
+                .iter()
+                .find(|&&(p_off, p_filesz, _)| off >= p_off && off - p_off < p_filesz)
+                // No address maps to u64::MAX, so it comes back unknown.
+                .map_or(u64::MAX, |&(p_off, _, p_vaddr)| off - p_off + p_vaddr)
+        })
+        .collect()
+}
+
+/// Whether `sym.offset` is a real offset into the function. A function
+/// split into parts (`foo` and `foo.cold`) has DWARF address ranges but no
+/// single start: blazesym then reports address 0, no size and the
+/// looked-up address itself as the offset. A symbol without a size (ELF's
+/// best effort for sizeless symbols) is trusted as blazesym trusts it.
+fn offset_known(sym: &Sym<'_>) -> bool {
+    match sym.size {
+        Some(size) => sym.offset < size,
+        None => sym.addr != 0,
+    }
+}
+
+/// For each offset, the ELF symbol that contains it (its name and the
+/// offset into it), e.g. `foo.cold` for an address in the cold part of
+/// `foo`. Only sized symbols that contain the offset count. The separate
+/// debug file's `.symtab` is searched first (a stripped file keeps only
+/// `.dynsym`), then the file's own.
+fn elf_symbols(
+    inner: &bz::Symbolizer,
+    module: &Module,
+    info: &FileInfo,
+    offsets: &[u64],
+) -> Vec<Option<(String, u64)>> {
+    let containing = |s: &Symbolized<'_>| match s {
+        Symbolized::Sym(s) if !s.name.is_empty() && s.size.is_some_and(|n| s.offset < n) => {
+            Some((s.name.to_string(), s.offset as u64))
+        }
+        _ => None,
+    };
+    let elf_only = |path: &Path| {
+        let mut elf = Elf::new(path);
+        elf.debug_syms = false;
+        Source::Elf(elf)
+    };
+    let mut found: Vec<Option<(String, u64)>> = vec![None; offsets.len()];
+    if let Some((debug_file, loads)) = &info.build_id_debug {
+        let virt = virt_offsets(loads, offsets);
+        let syms = inner.symbolize(&elf_only(debug_file), Input::VirtOffset(&virt));
+        for (f, s) in found.iter_mut().zip(syms.unwrap_or_default()) {
+            *f = containing(&s);
+        }
+    }
+    let rest: Vec<usize> = (0..offsets.len()).filter(|&k| found[k].is_none()).collect();
+    if !rest.is_empty() {
+        let rest_offsets: Vec<u64> = rest.iter().map(|&k| offsets[k]).collect();
+        let syms = inner.symbolize(
+            &elf_only(&module.open_path),
+            Input::FileOffset(&rest_offsets),
+        );
+        for (k, s) in rest.into_iter().zip(syms.unwrap_or_default()) {
+            found[k] = containing(&s);
+        }
+    }
+    found
+}
+
+/// `elf_sym` replaces the outer function's name and offset when `sym` could
+/// not place the address (see `offset_known`). `delta` is how far the
+/// printed address lies past the looked-up one, so function_offset matches
+/// the printed address.
+fn frames_of(sym: &Sym<'_>, elf_sym: Option<(String, u64)>, base: Frame, delta: u64) -> Vec<Frame> {
     // blazesym lists inlined calls outermost first; reports want innermost
     // first. Each entry's code_info is the location inside that function.
     let mut frames: Vec<Frame> = sym
@@ -180,11 +261,18 @@ fn frames_of(sym: &Sym<'_>, base: Frame, delta: u64) -> Vec<Frame> {
             frame
         })
         .collect();
+    let (function, offset) = match elf_sym {
+        Some((name, offset)) => (Some(name), Some(offset)),
+        None => (
+            non_empty(&sym.name),
+            offset_known(sym).then_some(sym.offset as u64),
+        ),
+    };
     let mut outer = base;
-    outer.function = non_empty(&sym.name);
-    if outer.function.is_some() {
-        outer.function_offset = Some(hex(sym.offset as u64 + delta));
+    if function.is_some() {
+        outer.function_offset = offset.map(|o| hex(o + delta));
     }
+    outer.function = function;
     set_location(&mut outer, sym.code_info.as_deref());
     frames.push(outer);
     frames
@@ -230,24 +318,21 @@ fn read_file_info(path: &Path, debug_dirs: &[PathBuf]) -> FileInfo {
         .iter()
         .any(|name| obj.section_by_name(name).is_some());
     let has_debuglink = matches!(obj.gnu_debuglink(), Ok(Some(_)));
-    let build_id_debug = match &build_id {
-        Some(id) if !has_dwarf && !has_debuglink => {
-            find_build_id_file(debug_dirs, id).map(|debug_file| {
-                let loads = obj
-                    .segments()
-                    .map(|seg| {
-                        let (off, size) = seg.file_range();
-                        (off, size, seg.address())
-                    })
-                    .collect();
-                (debug_file, loads)
+    let build_id_debug = build_id.as_deref().and_then(|id| {
+        let debug_file = find_build_id_file(debug_dirs, id)?;
+        let loads = obj
+            .segments()
+            .map(|seg| {
+                let (off, size) = seg.file_range();
+                (off, size, seg.address())
             })
-        }
-        _ => None,
-    };
+            .collect();
+        Some((debug_file, loads))
+    });
     FileInfo {
         build_id,
         build_id_debug,
+        own_debug: has_dwarf || has_debuglink,
     }
 }
 
@@ -281,11 +366,23 @@ mod tests {
     const BIAS: u64 = 0x5555_0000_0000;
 
     fn compile(dir: &Path, compiler: &str, src_name: &str, src: &str) -> PathBuf {
+        compile_with(dir, compiler, src_name, src, &[])
+    }
+
+    fn compile_with(
+        dir: &Path,
+        compiler: &str,
+        src_name: &str,
+        src: &str,
+        flags: &[&str],
+    ) -> PathBuf {
         let src_path = dir.join(src_name);
         std::fs::write(&src_path, src).unwrap();
         let out = dir.join(src_name.replace('.', "_"));
         let mut cmd = Command::new(compiler);
-        cmd.args(["-g", "-O2", "-Wl,--build-id", "-o"]);
+        cmd.args(["-g", "-O2", "-Wl,--build-id"])
+            .args(flags)
+            .arg("-o");
         assert!(cmd.arg(&out).arg(&src_path).status().unwrap().success());
         out
     }
@@ -417,6 +514,72 @@ int main(int argc, char **argv) { (void)argv; return outer(argc); }
         assert_eq!(frames, [bare("0x10"), gone_frame]);
     }
 
+    /// The unlikely branch only calls a cold noreturn function, so GCC moves
+    /// it to `foo.cold` in .text.unlikely and gives foo DW_AT_ranges.
+    const COLD_SRC: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((noinline, noreturn, cold)) void fail(const char *what, int i, int v) {
+    fprintf(stderr, "%s at %d: %d\n", what, i, v);
+    abort();
+}
+int table[64];
+__attribute__((noinline)) int foo(int n) {
+    int sum = 0;
+    for (int i = 0; i < n && i < 64; i++) {
+        if (__builtin_expect(table[i] < 0, 0))
+            fail("negative entry", i, table[i]); /* MARK_COLD */
+        sum += table[i] * 3;
+    }
+    return sum;
+}
+int main(int argc, char **argv) { (void)argv; return foo(argc); }
+"#;
+
+    #[test]
+    fn split_function_offsets_are_within_their_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let flags = ["-freorder-blocks-and-partition"];
+        let exe = compile_with(dir.path(), "cc", "cold.c", COLD_SRC, &flags);
+        let has_cold = elf(&exe, |obj| {
+            obj.symbols().any(|s| s.name() == Ok("foo.cold"))
+        });
+        assert!(has_cold, "cc did not split foo into foo and foo.cold");
+        let (cold, cold_size) = symbol(&exe, false, |n| n == "foo.cold");
+        let (hot, hot_size) = symbol(&exe, false, |n| n == "foo");
+        let modules = [exec_module(&exe)];
+        let mut s = Symbolizer::new();
+
+        let mut saw_line = false;
+        for off in 0..cold_size {
+            let frames = s.symbolize(&[BIAS + cold + off], &modules);
+            let f = frames.last().unwrap();
+            assert!(matches!(name(f), "foo" | "foo.cold"), "{frames:?}");
+            let offset = f.function_offset.as_deref().expect("an offset");
+            let offset = u64::from_str_radix(offset.trim_start_matches("0x"), 16).unwrap();
+            assert!(offset < cold_size, "{offset:#x} >= {cold_size:#x}: {f:?}");
+            assert!(f.file.as_deref().unwrap().ends_with("/cold.c"), "{f:?}");
+            saw_line |= f.line == line_of(COLD_SRC, "MARK_COLD");
+        }
+        assert!(saw_line, "no address in foo.cold at the fail() call");
+
+        // The hot part has no DWARF start of its own either.
+        for off in 0..hot_size {
+            let frames = s.symbolize(&[BIAS + hot + off], &modules);
+            let f = frames.last().unwrap();
+            assert_eq!(name(f), "foo", "{frames:?}");
+            assert_eq!(f.function_offset, Some(hex(off)), "{frames:?}");
+        }
+
+        // fail() is the last call in foo.cold: its return address lies
+        // past the part, and is looked up one byte earlier.
+        let ret = BIAS + cold + cold_size;
+        let frames = s.symbolize(&[BIAS + hot, ret], &modules);
+        let f = frames.iter().rfind(|f| f.address == hex(ret)).unwrap();
+        assert!(matches!(name(f), "foo" | "foo.cold"), "{frames:?}");
+        assert_eq!(f.function_offset, Some(hex(cold_size)), "{frames:?}");
+    }
+
     #[test]
     fn cpp_names_are_demangled() {
         let src = r#"
@@ -516,5 +679,39 @@ int main(int argc, char **) { return outerns::inner::compute(argc); }
             f.file.is_some() && f.line.is_some() && f.build_id.is_some(),
             "{f:?}"
         );
+    }
+
+    /// Like `__assert_fail_base.cold`: a local symbol only the separate
+    /// debug file's .symtab has.
+    #[test]
+    fn libc_cold_part_is_named_from_debug_symtab() {
+        let is_libc = |m: &Module| {
+            m.name
+                .rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with("libc.so"))
+        };
+        let libc = self_mapping(is_libc).unwrap().open_path;
+        let id = build_id(&libc);
+        let debug_dirs: Vec<PathBuf> = DEFAULT_DEBUG_DIRS.iter().map(PathBuf::from).collect();
+        let debug = find_build_id_file(&debug_dirs, &id).expect("libc debug info (libc6-dbg)");
+        let cold = elf(&debug, |obj| {
+            obj.symbols()
+                .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 1)
+                .find_map(|s| {
+                    Some((
+                        s.name().ok()?.strip_suffix(".cold")?.to_owned(),
+                        s.address(),
+                    ))
+                })
+        });
+        let Some((base, addr)) = cold else {
+            eprintln!("no .cold symbol in this libc; nothing to check");
+            return;
+        };
+        let frames = Symbolizer::new().symbolize(&[BIAS + addr + 1], &[exec_module(&libc)]);
+        let f = frames.last().unwrap();
+        assert_eq!(name(f), format!("{base}.cold"), "{frames:?}");
+        assert_eq!(f.function_offset.as_deref(), Some("0x1"), "{frames:?}");
     }
 }

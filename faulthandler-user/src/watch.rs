@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use faulthandler_common::{REG_SP, SIG_F_GROUP_EXIT};
+use faulthandler_common::{REG_SP, SIG_F_DUMP, SIG_F_GROUP_EXIT, SIG_F_SAMPLE, SignalEvent};
 
 use crate::{
     capture::{Capture, CaptureError},
@@ -14,6 +14,7 @@ use crate::{
     output::Sink,
     pipeline::Pipeline,
     procs::{Tracker, container_id},
+    profile::Profile,
     report::{self, Process, Report, Signal},
     signals,
 };
@@ -95,6 +96,11 @@ pub struct Watcher {
     pub reports: usize,
     /// Processes that exited since the last call to `take_exited`.
     exited: Vec<u32>,
+    /// Signals that ask for a dump (`--on-signal`), as a bit mask.
+    pub on_signal: u64,
+    /// CPU samples per process since the last timeout dump, when profiling.
+    profiles: Option<HashMap<u32, Profile>>,
+    flamegraph: Option<std::path::PathBuf>,
 }
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
@@ -146,6 +152,9 @@ impl Watcher {
             host,
             reports: 0,
             exited: Vec::new(),
+            on_signal: 0,
+            profiles: None,
+            flamegraph: None,
         }
     }
 
@@ -176,11 +185,47 @@ impl Watcher {
         }
     }
 
+    /// Keeps CPU samples for timeout reports, and a flame graph of them.
+    pub fn keep_profiles(&mut self, flamegraph: Option<std::path::PathBuf>) {
+        self.profiles = Some(HashMap::new());
+        self.flamegraph = flamegraph;
+    }
+
+    fn add_sample(&mut self, s: &SignalCapture) {
+        if self.profiles.is_none() {
+            return;
+        }
+        let thread = self.pipeline.thread(&self.tracker, s, false);
+        if let Some(p) = self.profiles.as_mut() {
+            p.entry(s.event.pid)
+                .or_default()
+                .add(&thread.name, &thread.frames);
+        }
+    }
+
+    /// Moves the samples of `pid` since the last dump into `report`.
+    pub(crate) fn attach_profile(&mut self, pid: u32, report: &mut Report) {
+        let Some(profile) = self.profiles.as_mut().and_then(|p| p.remove(&pid)) else {
+            return;
+        };
+        report.profile = Some(profile.to_json(10));
+        report.profile_text = Some(profile.to_text(10));
+        if let Some(path) = &self.flamegraph {
+            let title = format!("rfh-trace: {} (pid {pid})", report.process.comm);
+            if let Err(e) = profile.write_flamegraph(path, &title) {
+                eprintln!(
+                    "rfh-trace: cannot write flame graph {}: {e}",
+                    path.display()
+                );
+            }
+        }
+    }
+
     pub fn take_exited(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.exited)
     }
 
-    fn handle(&mut self, record: &[u8]) {
+    pub(crate) fn handle(&mut self, record: &[u8]) {
         let event = match decode(record) {
             Ok(e) => e,
             Err(e) => {
@@ -194,6 +239,10 @@ impl Watcher {
             // The process may already be gone; the kernel-side mapping
             // capture covers that case, so a failed refresh is fine.
             Event::Exec(e) => self.tracker.exec(e.pid, &c_str(&e.filename)),
+            Event::Vmas(v) => {
+                let n = (v.nvmas as usize).min(v.vmas.len());
+                self.tracker.add_vmas(v.pid, &v.vmas[..n]);
+            }
             Event::Mmap(p) => {
                 let _ = self.tracker.refresh(p.pid);
             }
@@ -224,6 +273,18 @@ impl Watcher {
     fn on_signal(&mut self, s: Box<SignalCapture>) {
         let ev = &s.event;
         self.lost += ev.lost;
+        if ev.flags & SIG_F_SAMPLE != 0 {
+            self.add_sample(&s);
+            return;
+        }
+        if ev.flags & SIG_F_DUMP != 0 {
+            return; // a dump that was already reported or abandoned
+        }
+        if ev.flags & SIG_F_GROUP_EXIT == 0 && self.on_signal & (1u64 << (ev.sig as u32 & 63)) != 0
+        {
+            self.signal_report(s);
+            return;
+        }
         if ev.flags & SIG_F_GROUP_EXIT != 0 {
             if let Some(d) = self.dying.get_mut(&ev.pid) {
                 d.siblings.push(s);
@@ -259,10 +320,12 @@ impl Watcher {
         let Some(d) = self.dying.remove(&pid) else {
             return;
         };
-        if d.primary.is_none() && d.killed.is_none() {
-            return; // siblings of nothing we report
+        if let Some(report) = self.crash_report(pid, d, omitted) {
+            self.emit(&report);
         }
-        let report = self.crash_report(pid, d, omitted);
+    }
+
+    pub fn emit(&mut self, report: &Report) {
         let text = if self.json {
             report.to_json()
         } else {
@@ -274,8 +337,7 @@ impl Watcher {
         self.reports += 1;
     }
 
-    fn crash_report(&mut self, pid: u32, d: Dying, omitted: u32) -> Report {
-        let info = self.tracker.get(pid).cloned().unwrap_or_default();
+    fn crash_report(&mut self, pid: u32, d: Dying, omitted: u32) -> Option<Report> {
         let mut siblings = d.siblings;
         // A group kill has no faulting thread: the thread the kernel
         // aimed at (or the first to die) stands first.
@@ -288,55 +350,69 @@ impl Watcher {
             (!siblings.is_empty()).then(|| siblings.remove(i))
         });
         siblings.sort_by_key(|s| s.event.tid);
-        let mut threads = Vec::with_capacity(siblings.len() + 1);
-        if let Some(p) = &primary {
-            threads.push(self.pipeline.thread(&self.tracker, p, true));
+        let (signal, ktime) = match (&d.killed, &primary) {
+            (Some(k), _) => (
+                Signal {
+                    number: k.sig,
+                    name: signals::name(k.sig),
+                    description: signals::description(k.sig),
+                    code: k.code,
+                    code_name: signals::code_name(k.sig, k.code),
+                    code_description: signals::code_description(k.sig, k.code),
+                    address: None,
+                    sender_pid: (k.sender != 0 && !k.oom).then_some(k.sender as i32),
+                    handled: false,
+                    stack_overflow: false,
+                },
+                k.ktime_ns,
+            ),
+            (None, Some(p)) => {
+                let ev = &p.event;
+                let mut signal = signal_of(ev);
+                signal.handled = d.handled;
+                signal.stack_overflow = stack_overflow(ev.sig, ev.addr, ev.regs[REG_SP]);
+                (signal, ev.ktime_ns)
+            }
+            (None, None) => return None,
+        };
+        let mut report = self.report(
+            "crash",
+            pid,
+            primary.as_deref(),
+            &siblings,
+            Some(signal),
+            ktime,
+        );
+        report.oom_kill = d.killed.as_ref().is_some_and(|k| k.oom);
+        report.threads_omitted = omitted;
+        Some(report)
+    }
+
+    /// A report of `kind` for `pid`: `current` (the thread the signal
+    /// went to) first, then `others`, each unwound and symbolized.
+    pub(crate) fn report(
+        &mut self,
+        kind: &'static str,
+        pid: u32,
+        current: Option<&SignalCapture>,
+        others: &[Box<SignalCapture>],
+        signal: Option<Signal>,
+        ktime: u64,
+    ) -> Report {
+        let info = self.tracker.get(pid).cloned().unwrap_or_default();
+        let mut threads = Vec::with_capacity(others.len() + 1);
+        if let Some(c) = current {
+            threads.push(self.pipeline.thread(&self.tracker, c, true));
         }
-        for s in &siblings {
+        for s in others {
             threads.push(self.pipeline.thread(&self.tracker, s, false));
         }
-        let signal = match (&primary, &d.killed) {
-            (Some(p), None) => {
-                let ev = &p.event;
-                Signal {
-                    number: ev.sig,
-                    name: signals::name(ev.sig),
-                    description: signals::description(ev.sig),
-                    code: ev.code,
-                    code_name: signals::code_name(ev.sig, ev.code),
-                    code_description: signals::code_description(ev.sig, ev.code),
-                    address: signals::is_fault(ev.sig, ev.code).then(|| report::hex(ev.addr)),
-                    sender_pid: signals::user_sent(ev.code)
-                        .then_some(ev.sender_pid)
-                        .filter(|&p| p > 0),
-                    handled: d.handled,
-                    stack_overflow: stack_overflow(ev.sig, ev.addr, ev.regs[REG_SP]),
-                }
-            }
-            (_, Some(k)) => Signal {
-                number: k.sig,
-                name: signals::name(k.sig),
-                description: signals::description(k.sig),
-                code: k.code,
-                code_name: signals::code_name(k.sig, k.code),
-                code_description: signals::code_description(k.sig, k.code),
-                address: None,
-                sender_pid: (k.sender != 0 && !k.oom).then_some(k.sender as i32),
-                handled: false,
-                stack_overflow: false,
-            },
-            (None, None) => unreachable!("checked by finish"),
-        };
-        let (ktime, ev_comm, ns_pid) = match (&primary, &d.killed) {
-            (Some(p), _) => (p.event.ktime_ns, c_str(&p.event.comm), p.event.ns_pid),
-            (None, Some(k)) => (k.ktime_ns, String::new(), 0),
-            (None, None) => (0, String::new(), 0),
-        };
-        let ktime = d.killed.as_ref().map_or(ktime, |k| k.ktime_ns);
+        let first = current.or(others.first().map(|b| &**b));
+        let ns_pid = first.map_or(0, |f| f.event.ns_pid);
         let time_ns = ktime as i128 + self.wall_offset_ns;
         Report {
             schema: report::SCHEMA,
-            kind: "crash",
+            kind,
             time: report::rfc3339(time_ns.max(0) as u128),
             host: self.host.clone(),
             process: Process {
@@ -344,18 +420,41 @@ impl Watcher {
                 ns_pid: (ns_pid != 0 && ns_pid != pid)
                     .then_some(ns_pid)
                     .or(info.ns_pid.filter(|&n| n != pid)),
-                comm: info.comm.clone().unwrap_or(ev_comm),
+                comm: info
+                    .comm
+                    .clone()
+                    .unwrap_or_else(|| first.map(|f| c_str(&f.event.comm)).unwrap_or_default()),
                 exe: info.exe.clone().or_else(|| self.tracker.exec_path(pid)),
                 cmdline: info.cmdline.clone(),
                 uid: info.uid,
                 container_id: info.cgroup.as_deref().and_then(container_id),
                 cgroup: info.cgroup.clone(),
             },
-            signal: Some(signal),
-            oom_kill: d.killed.as_ref().is_some_and(|k| k.oom),
+            signal,
+            oom_kill: false,
             threads,
-            threads_omitted: omitted,
+            threads_omitted: 0,
+            profile: None,
+            profile_text: None,
             lost_events: std::mem::take(&mut self.lost),
         }
+    }
+}
+
+/// The signal part of a report, from the kernel's record of it.
+pub(crate) fn signal_of(ev: &SignalEvent) -> Signal {
+    Signal {
+        number: ev.sig,
+        name: signals::name(ev.sig),
+        description: signals::description(ev.sig),
+        code: ev.code,
+        code_name: signals::code_name(ev.sig, ev.code),
+        code_description: signals::code_description(ev.sig, ev.code),
+        address: signals::is_fault(ev.sig, ev.code).then(|| report::hex(ev.addr)),
+        sender_pid: signals::user_sent(ev.code)
+            .then_some(ev.sender_pid)
+            .filter(|&p| p > 0),
+        handled: ev.handler > SIG_IGN,
+        stack_overflow: false,
     }
 }

@@ -161,11 +161,13 @@ pub fn current_thread(report: &Value) -> &Value {
     t
 }
 
-/// A function name without its C++ parameter list or glibc's internal
-/// `__GI_` alias prefix: `app::render(app::Widget const&, int)` is
-/// `app::render`, `__GI_abort` is `abort`.
+/// A function name without its C++ parameter list, glibc's internal
+/// `__GI_` alias prefix or GCC's `.cold` split suffix:
+/// `app::render(app::Widget const&, int)` is `app::render`, `__GI_abort`
+/// is `abort`, `main.cold` is `main`.
 pub fn base_name(f: &str) -> &str {
     let f = f.strip_prefix("__GI_").unwrap_or(f);
+    let f = f.strip_suffix(".cold").unwrap_or(f);
     match f.find('(') {
         Some(i) if i > 0 => &f[..i],
         _ => f,

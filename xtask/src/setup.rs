@@ -20,6 +20,20 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
 ];
 
+/// glibc's separate debug info (Debian package): the integration tests
+/// expect libc frames to have file:line.
+const LIBC_DEBUG: &str = "libc6-dbg";
+
+/// Whether glibc's debug info is installed: by dpkg on Debian, elsewhere
+/// by the presence of the build-id debug tree that holds it.
+fn libc_debug_present() -> bool {
+    if is_debian() {
+        dpkg_installed(&[LIBC_DEBUG.to_string()])
+    } else {
+        Path::new("/usr/lib/debug/.build-id").is_dir()
+    }
+}
+
 fn llvm_prefix() -> String {
     format!("/usr/lib/llvm-{LLVM_VERSION}")
 }
@@ -187,6 +201,12 @@ fn test_tools(apt: &mut Apt) -> Result<()> {
             }
         }
     }
+    if libc_debug_present() {
+        eprintln!("setup: {LIBC_DEBUG} ... ok (glibc debug info)");
+    } else {
+        eprintln!("setup: {LIBC_DEBUG} ... missing (glibc debug info, package {LIBC_DEBUG})");
+        missing.push(LIBC_DEBUG.to_string());
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -212,6 +232,9 @@ fn test_tools(apt: &mut Apt) -> Result<()> {
         if find_program(program).is_none() {
             bail!("`{program}` is still missing after installing package {package}");
         }
+    }
+    if !libc_debug_present() {
+        bail!("package {LIBC_DEBUG} is still missing after installing it");
     }
     Ok(())
 }

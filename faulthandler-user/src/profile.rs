@@ -1,0 +1,550 @@
+//! CPU profile of the watched processes: timer-driven samples, each an
+//! unwound and symbolized stack, aggregated into counts per distinct stack.
+//!
+//! Stacks are aggregated by thread name and function names (inlined frames
+//! included), so samples at different lines of the same functions add up;
+//! the `file:line` shown for a stack is that of its most frequent variant.
+//! Rendered as a "top stacks" list (text and JSON) and as a flame graph SVG.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::report::Frame;
+
+/// Most distinct `file:line` variants remembered per stack; later new
+/// variants are still counted in the stack, only not as a variant.
+const MAX_PLACES: usize = 64;
+
+/// Where one frame of a sample was: file and line, when known.
+type Place = Option<(String, Option<u32>)>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Stack {
+    thread: String,
+    /// Frame names, innermost first.
+    names: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    count: u64,
+    /// Per-frame places (same length as the stack's names) → samples.
+    places: HashMap<Vec<Place>, u64>,
+}
+
+impl Entry {
+    /// The most frequent places; ties go to the smallest, so output is
+    /// deterministic.
+    fn best_places(&self) -> Option<&Vec<Place>> {
+        self.places
+            .iter()
+            .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
+            .map(|(p, _)| p)
+    }
+}
+
+/// CPU samples aggregated by stack: folded stacks → count.
+#[derive(Debug, Default)]
+pub struct Profile {
+    samples: u64,
+    stacks: HashMap<Stack, Entry>,
+}
+
+/// A frame's name in profiles: its function, or `?? (module file name)`
+/// (`??` alone when the module is unknown too).
+fn frame_name(f: &Frame) -> String {
+    match f.function.as_deref().filter(|s| !s.is_empty()) {
+        Some(func) => func.to_string(),
+        None => match f.module.as_deref().filter(|s| !s.is_empty()) {
+            Some(module) => {
+                let base = module.rsplit('/').next().unwrap_or(module);
+                format!("?? ({base})")
+            }
+            None => "??".to_string(),
+        },
+    }
+}
+
+fn percent(count: u64, total: u64) -> f64 {
+    if total == 0 {
+        return 0.0;
+    }
+    (count as f64 * 1000.0 / total as f64).round() / 10.0
+}
+
+/// A name usable as one frame of a folded line: no `;` (the separator), no
+/// control characters (line breaks), not empty.
+fn folded_frame(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| match c {
+            ';' => ':',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .collect();
+    let s = s.trim();
+    if s.is_empty() {
+        "??".to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+impl Profile {
+    /// One CPU sample of thread `thread_name`; frames innermost first.
+    pub fn add(&mut self, thread_name: &str, frames: &[Frame]) {
+        self.samples += 1;
+        let key = Stack {
+            thread: thread_name.to_string(),
+            names: frames.iter().map(frame_name).collect(),
+        };
+        let places: Vec<Place> = frames
+            .iter()
+            .map(|f| f.file.clone().map(|file| (file, f.line)))
+            .collect();
+        let entry = self.stacks.entry(key).or_default();
+        entry.count += 1;
+        let room = entry.places.len() < MAX_PLACES;
+        match entry.places.get_mut(&places) {
+            Some(n) => *n += 1,
+            None if room => {
+                entry.places.insert(places, 1);
+            }
+            None => {}
+        }
+    }
+
+    /// Samples added since creation or the last [`clear`](Self::clear).
+    pub fn samples(&self) -> u64 {
+        self.samples
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.samples = 0;
+        self.stacks.clear();
+    }
+
+    /// Stacks by decreasing count (ties by thread, then names).
+    fn sorted(&self) -> Vec<(&Stack, &Entry)> {
+        let mut v: Vec<_> = self.stacks.iter().collect();
+        v.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(b.0)));
+        v
+    }
+
+    /// The `top` most frequent stacks, as (count, frames innermost-first
+    /// names). Names are function names (inlined ones included), or
+    /// `?? (module)` for frames without a symbol.
+    pub fn top(&self, n: usize) -> Vec<(u64, Vec<String>)> {
+        self.sorted()
+            .into_iter()
+            .take(n)
+            .map(|(s, e)| (e.count, s.names.clone()))
+            .collect()
+    }
+
+    /// JSON value for the report's `profile` field, with the `n` most
+    /// frequent stacks:
+    ///
+    /// ```json
+    /// {
+    ///   "samples": 200,
+    ///   "top": [
+    ///     {"count": 25, "percent": 12.5, "thread": "worker",
+    ///      "frames": ["spin (/src/busy.c:7)", "main (/src/busy.c:12)", "?? (libc.so.6)"]}
+    ///   ]
+    /// }
+    /// ```
+    ///
+    /// `samples` counts all samples; `top` is sorted by decreasing `count`;
+    /// `percent` is `count` out of `samples`, rounded to one decimal.
+    /// `frames` is innermost first, each `function (file:line)`, or
+    /// `function (file)` without a line, or `function` without a file;
+    /// `function` is `??` or `?? (module file name)` when unknown. The
+    /// `file:line` are those of the stack's most frequent variant (samples
+    /// in the same functions at other lines count in the same entry).
+    pub fn to_json(&self, n: usize) -> serde_json::Value {
+        let top: Vec<serde_json::Value> = self
+            .sorted()
+            .into_iter()
+            .take(n)
+            .map(|(s, e)| {
+                let places = e.best_places();
+                let frames: Vec<String> = s
+                    .names
+                    .iter()
+                    .enumerate()
+                    .map(
+                        |(i, name)| match places.and_then(|p| p.get(i)).and_then(|p| p.as_ref()) {
+                            Some((file, Some(line))) => format!("{name} ({file}:{line})"),
+                            Some((file, None)) => format!("{name} ({file})"),
+                            None => name.clone(),
+                        },
+                    )
+                    .collect();
+                json!({
+                    "count": e.count,
+                    "percent": percent(e.count, self.samples),
+                    "thread": s.thread,
+                    "frames": frames,
+                })
+            })
+            .collect();
+        json!({ "samples": self.samples, "top": top })
+    }
+
+    /// Text block for the text report, with the `n` most frequent stacks:
+    /// `CPU profile (N samples):` then one line per stack,
+    /// `  12.5%  (25) thread: f <- g <- h` (innermost first).
+    pub fn to_text(&self, n: usize) -> String {
+        let mut out = format!(
+            "CPU profile ({} sample{}):\n",
+            self.samples,
+            if self.samples == 1 { "" } else { "s" }
+        );
+        for (s, e) in self.sorted().into_iter().take(n) {
+            let chain = if s.names.is_empty() {
+                "(no frames)".to_string()
+            } else {
+                s.names.join(" <- ")
+            };
+            out.push_str(&format!(
+                "  {:.1}%  ({}) {}: {}\n",
+                percent(e.count, self.samples),
+                e.count,
+                s.thread,
+                chain
+            ));
+        }
+        out
+    }
+
+    /// The folded-stack lines of all samples (`thread;outer;...;inner N`),
+    /// as flamegraph.pl and inferno read them.
+    fn folded(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .stacks
+            .iter()
+            .map(|(s, e)| {
+                let mut line = folded_frame(&s.thread);
+                for name in s.names.iter().rev() {
+                    line.push(';');
+                    line.push_str(&folded_frame(name));
+                }
+                // The count is the last space-separated field, and a second
+                // number before it would be read as a differential count:
+                // keep the stack from ending in a number by making its last
+                // space a no-break one.
+                if let Some(i) = line.rfind(' ') {
+                    let tail = &line[i + 1..];
+                    if tail.chars().all(|c| c.is_ascii_digit() || c == '.') {
+                        line.replace_range(i..i + 1, "\u{a0}");
+                    }
+                }
+                // A line starting with "# " is a comment to inferno.
+                if line.starts_with("# ") {
+                    line.replace_range(1..2, "\u{a0}");
+                }
+                format!("{line} {}", e.count)
+            })
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    /// Writes a flame graph SVG of all samples to `path`, titled `title`.
+    ///
+    /// Each stack is drawn root first under its thread name, with inlined
+    /// frames as frames of their own. The file is created with mode 0600 or
+    /// truncated; a symbolic link (as the last component) or anything but a
+    /// regular file is refused, and nothing is written when there are no
+    /// samples (an `InvalidInput` error).
+    pub fn write_flamegraph(&self, path: &Path, title: &str) -> io::Result<()> {
+        if self.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "no flame graph written to {}: no CPU samples were taken",
+                    path.display()
+                ),
+            ));
+        }
+        let lines = self.folded();
+        let mut opts = inferno::flamegraph::Options::default();
+        opts.title = title.to_string();
+        opts.count_name = "samples".to_string();
+        // Colours from function name hashes: the same function gets the
+        // same colour in every graph.
+        opts.hash = true;
+        let mut svg = Vec::new();
+        inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut svg)?;
+
+        let mut file = open_truncate(path)?;
+        file.write_all(&svg)
+            .and_then(|()| file.flush())
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display())))
+    }
+}
+
+/// Opens `path` for writing from the start, creating it 0600; refuses a
+/// symlink as the last component and anything that is not a regular file
+/// (rfh-trace runs as root, often in shared directories).
+fn open_truncate(path: &Path) -> io::Result<std::fs::File> {
+    // O_NONBLOCK: a FIFO without a reader fails (ENXIO) instead of hanging
+    // the open; on a regular file it does nothing.
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "refusing to write to {}: it is a symbolic link",
+                        path.display()
+                    ),
+                )
+            } else {
+                io::Error::new(e.kind(), format!("cannot write to {}: {e}", path.display()))
+            }
+        })?;
+    let ft = file.metadata()?.file_type();
+    if !ft.is_file() {
+        let kind = if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "refusing to write to {}: it is {kind}, not a regular file",
+                path.display()
+            ),
+        ));
+    }
+    // Truncate only once we know it is a regular file.
+    file.set_len(0)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(name: &str, line: u32) -> Frame {
+        Frame {
+            function: Some(name.to_string()),
+            file: Some("/src/prog.c".to_string()),
+            line: Some(line),
+            module: Some("/tmp/prog".to_string()),
+            ..Default::default()
+        }
+    }
+
+    fn unknown(module: &str) -> Frame {
+        Frame {
+            module: Some(module.to_string()),
+            ..Default::default()
+        }
+    }
+
+    /// 6 samples of spin<-main in "main", 3 of work<-run (work inlined)
+    /// in "worker", 1 of an unknown frame in libc.
+    fn sample_profile() -> Profile {
+        let mut p = Profile::default();
+        for i in 0..6 {
+            // Two different lines in spin: still one stack.
+            let line = if i < 4 { 10 } else { 11 };
+            p.add("main", &[f("spin", line), f("main", 20)]);
+        }
+        for _ in 0..3 {
+            let mut w = f("work", 30);
+            w.inlined = true;
+            p.add("worker", &[w, f("run", 40), unknown("/usr/lib/libc.so.6")]);
+        }
+        p.add("worker", &[unknown("/usr/lib/libc.so.6")]);
+        p
+    }
+
+    #[test]
+    fn top_orders_by_count() {
+        let p = sample_profile();
+        assert_eq!(p.samples(), 10);
+        assert!(!p.is_empty());
+        let top = p.top(10);
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0], (6, vec!["spin".to_string(), "main".to_string()]));
+        assert_eq!(
+            top[1],
+            (
+                3,
+                vec!["work".into(), "run".into(), "?? (libc.so.6)".into()]
+            )
+        );
+        assert_eq!(top[2], (1, vec!["?? (libc.so.6)".to_string()]));
+        assert_eq!(p.top(1).len(), 1);
+        assert!(p.top(0).is_empty());
+    }
+
+    #[test]
+    fn json_shape() {
+        let p = sample_profile();
+        let v = p.to_json(2);
+        assert_eq!(v["samples"], 10);
+        let top = v["top"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        assert_eq!(top[0]["count"], 6);
+        assert_eq!(top[0]["percent"], 60.0);
+        assert_eq!(top[0]["thread"], "main");
+        // The most frequent line of spin (10, 4 of 6 samples) is shown.
+        assert_eq!(
+            top[0]["frames"],
+            json!(["spin (/src/prog.c:10)", "main (/src/prog.c:20)"])
+        );
+        assert_eq!(top[1]["percent"], 30.0);
+        assert_eq!(top[1]["thread"], "worker");
+        assert_eq!(
+            top[1]["frames"],
+            json!([
+                "work (/src/prog.c:30)",
+                "run (/src/prog.c:40)",
+                "?? (libc.so.6)"
+            ])
+        );
+        let obj = top[0].as_object().unwrap();
+        let mut keys: Vec<_> = obj.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(keys, ["count", "frames", "percent", "thread"]);
+    }
+
+    #[test]
+    fn percent_rounds_to_one_decimal() {
+        let mut p = Profile::default();
+        p.add("t", &[f("a", 1)]);
+        p.add("t", &[f("b", 1)]);
+        p.add("t", &[f("b", 1)]);
+        let v = p.to_json(5);
+        assert_eq!(v["top"][0]["percent"], 66.7);
+        assert_eq!(v["top"][1]["percent"], 33.3);
+    }
+
+    #[test]
+    fn text_block() {
+        let p = sample_profile();
+        let t = p.to_text(2);
+        assert_eq!(
+            t,
+            "CPU profile (10 samples):\n\
+             \x20 60.0%  (6) main: spin <- main\n\
+             \x20 30.0%  (3) worker: work <- run <- ?? (libc.so.6)\n"
+        );
+    }
+
+    #[test]
+    fn clear_and_empty() {
+        let mut p = sample_profile();
+        p.clear();
+        assert!(p.is_empty());
+        assert_eq!(p.samples(), 0);
+        assert!(p.top(5).is_empty());
+        assert_eq!(p.to_json(5), json!({"samples": 0, "top": []}));
+        assert_eq!(p.to_text(5), "CPU profile (0 samples):\n");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.svg");
+        assert!(p.write_flamegraph(&path, "t").is_err());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn folded_lines_are_root_first() {
+        let mut p = sample_profile();
+        // Awkward names: a separator, a thread name ending in a number
+        // with no frames.
+        p.add("pool 7", &[]);
+        p.add("t", &[f("ns::f<std::array<u8; 8>>", 1)]);
+        let lines = p.folded();
+        assert!(lines.contains(&"main;main;spin 6".to_string()), "{lines:?}");
+        assert!(
+            lines.contains(&"worker;?? (libc.so.6);run;work 3".to_string()),
+            "{lines:?}"
+        );
+        assert!(lines.contains(&"pool\u{a0}7 1".to_string()), "{lines:?}");
+        assert!(
+            lines.contains(&"t;ns::f<std::array<u8: 8>> 1".to_string()),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn flamegraph_svg() {
+        let mut p = sample_profile();
+        p.add("t", &[f("tmpl<int>", 1)]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.svg");
+        // An existing, longer file is truncated.
+        std::fs::write(&path, "x".repeat(1 << 20)).unwrap();
+        p.write_flamegraph(&path, "CPU of prog").unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            svg.starts_with("<?xml") || svg.starts_with("<svg"),
+            "{}",
+            &svg[..100]
+        );
+        assert!(svg.trim_end().ends_with("</svg>"));
+        for name in [
+            "spin",
+            "main",
+            "work",
+            "run",
+            "worker",
+            "CPU of prog",
+            "tmpl&lt;int&gt;",
+        ] {
+            assert!(svg.contains(name), "{name} missing");
+        }
+
+        let new = dir.path().join("new.svg");
+        p.write_flamegraph(&new, "t").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&new).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn flamegraph_refuses_symlink_and_non_files() {
+        let p = sample_profile();
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, "keep").unwrap();
+        let link = dir.path().join("link.svg");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = p.write_flamegraph(&link, "t").unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+
+        assert!(p.write_flamegraph(dir.path(), "t").is_err());
+
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // No reader: fails at once instead of hanging.
+        assert!(p.write_flamegraph(&fifo, "t").is_err());
+    }
+}
