@@ -15,20 +15,6 @@ use serde_json::Value;
 
 const OMIT_FP: &[&str] = &["-g", "-O2", "-fomit-frame-pointer", "-pthread"];
 
-fn thread_named<'a>(r: &'a Value, name: &str) -> &'a Value {
-    r["threads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == name)
-        .unwrap_or_else(|| {
-            panic!(
-                "no thread named {name}: {:#?}",
-                r["threads"].as_array().map(|a| a.len())
-            )
-        })
-}
-
 fn main_thread(r: &Value) -> &Value {
     let pid = &r["process"]["pid"];
     r["threads"]

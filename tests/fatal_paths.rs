@@ -12,15 +12,6 @@ use serde_json::Value;
 
 const OMIT_FP: &[&str] = &["-g", "-O2", "-fomit-frame-pointer"];
 
-fn thread_named<'a>(r: &'a Value, name: &str) -> &'a Value {
-    r["threads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == name)
-        .unwrap_or_else(|| panic!("no thread named {name}: {:#}", r["threads"]))
-}
-
 #[test]
 fn all_threads_at_a_crash() {
     require_root();
@@ -76,6 +67,25 @@ fn thread_cap_counts_the_rest() {
     assert_eq!(r["threads"].as_array().unwrap().len(), 2);
     assert_eq!(r["threads_omitted"], 2);
     assert_eq!(current_thread(r)["name"], "threads");
+}
+
+/// A thousand threads: the report still comes out, with the default cap
+/// of 256 threads and the rest counted.
+#[test]
+fn a_thousand_threads() {
+    require_root();
+    let b = build("thousand.c", &["-g", "-O2", "-pthread"]);
+    let run = trace(&[], &[b.exe.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(signal_status(11)), "{}", run.stderr);
+    let r = only_report(&run);
+    let threads = r["threads"].as_array().unwrap();
+    assert_eq!(threads.len(), 256);
+    assert_eq!(r["threads_omitted"], 1001 - 256);
+    assert_order(current_thread(r), &["crash_main", "main"]);
+    for t in &threads[1..] {
+        assert_order(t, &["park", "start_thread"]);
+    }
+    assert_eq!(r["lost_events"], 0);
 }
 
 #[test]

@@ -23,10 +23,7 @@ use aya_ebpf::{
 };
 use faulthandler_common::*;
 
-use crate::{
-    EVENTS, config, copy_user_stack, count_lost, fill_task, init_record, read_at, read_regs,
-    watched,
-};
+use crate::{config, copy_user_stack, fill_task, init_record, read_at, read_regs, watched};
 
 /// Index 0: the tgid whose threads the next iteration dumps, or that the
 /// running-thread sampler may capture.
@@ -60,8 +57,7 @@ unsafe fn dump_one(task: *mut task_struct) -> Option<()> {
     }
     let tid = unsafe { read_at::<u32>(t, o.task_pid) }?;
     let state = unsafe { read_at::<u32>(t, o.task_state) }.unwrap_or(0);
-    let Some(mut entry) = EVENTS.reserve::<SignalRecord>(0) else {
-        count_lost();
+    let Some(mut entry) = crate::reserve::<SignalRecord>() else {
         return None;
     };
     let rec = entry.as_mut_ptr();
@@ -102,8 +98,7 @@ fn try_sample(ctx: &PerfEventContext) -> Option<()> {
     if tgid == 0 || (tgid != target && !watched(cfg, tgid)) {
         return None;
     }
-    let Some(mut entry) = EVENTS.reserve::<SignalRecord>(0) else {
-        count_lost();
+    let Some(mut entry) = crate::reserve::<SignalRecord>() else {
         return None;
     };
     let rec = entry.as_mut_ptr();

@@ -63,6 +63,16 @@ fn count_lost() {
     }
 }
 
+/// A ring-buffer reservation; a full buffer is counted, never silent.
+#[inline(always)]
+fn reserve<T: 'static>() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>> {
+    let entry = EVENTS.reserve::<T>(0);
+    if entry.is_none() {
+        count_lost();
+    }
+    entry
+}
+
 /// Takes and clears this CPU's lost count, so each loss is reported once.
 #[inline(always)]
 fn take_lost() -> u64 {
@@ -153,8 +163,7 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
         let _ = DYING.insert(&tgid, &first, BPF_NOEXIST as u64);
     }
 
-    let Some(mut entry) = EVENTS.reserve::<SignalRecord>(0) else {
-        count_lost();
+    let Some(mut entry) = crate::reserve::<SignalRecord>() else {
         return None;
     };
     let rec = entry.as_mut_ptr();

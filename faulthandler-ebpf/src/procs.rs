@@ -84,8 +84,7 @@ fn try_exec(ctx: &RawTracePointContext) -> Option<()> {
     if !watched(cfg, tgid) {
         return None;
     }
-    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        count_lost();
+    let Some(mut entry) = crate::reserve::<ExecEvent>() else {
         return None;
     };
     let ev = entry.as_mut_ptr();
@@ -133,8 +132,7 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
 /// A thread of a dying process is exiting, its mm still in place: find
 /// the mappings its stack points into (see vma.rs for why not earlier).
 fn emit_vmas(cfg: &Config, tgid: u32, tid: u32) {
-    let Some(mut entry) = EVENTS.reserve::<VmaEvent>(0) else {
-        count_lost();
+    let Some(mut entry) = crate::reserve::<VmaEvent>() else {
         return;
     };
     let ev = entry.as_mut_ptr();

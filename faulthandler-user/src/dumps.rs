@@ -8,9 +8,8 @@ use faulthandler_common::{SIG_F_DUMP, SIG_F_RUNNING, SIG_F_SAMPLE};
 use crate::{
     capture::CaptureError,
     decode::{Event, SignalCapture, decode},
-    report::{Report, Signal},
-    signals,
-    watch::Watcher,
+    report::Report,
+    watch::{Watcher, signal_of},
 };
 
 /// How long a thread that was on a CPU is sampled for during a dump.
@@ -80,20 +79,7 @@ impl Watcher {
     /// every other thread as it is now.
     pub(crate) fn signal_report(&mut self, s: Box<SignalCapture>) {
         let ev = &s.event;
-        let signal = Signal {
-            number: ev.sig,
-            name: signals::name(ev.sig),
-            description: signals::description(ev.sig),
-            code: ev.code,
-            code_name: signals::code_name(ev.sig, ev.code),
-            code_description: signals::code_description(ev.sig, ev.code),
-            address: signals::is_fault(ev.sig, ev.code).then(|| crate::report::hex(ev.addr)),
-            sender_pid: signals::user_sent(ev.code)
-                .then_some(ev.sender_pid)
-                .filter(|&p| p > 0),
-            handled: ev.handler > 1,
-            stack_overflow: false,
-        };
+        let signal = signal_of(ev);
         let (pid, tid, ktime) = (ev.pid, ev.tid, ev.ktime_ns);
         // The process keeps running; a failed dump still leaves the
         // receiving thread's own stack worth reporting.

@@ -229,6 +229,14 @@ impl Tracker {
     }
 
     fn read_proc(&mut self, pid: u32) -> io::Result<()> {
+        // A test knob: act as if every process died before /proc could be
+        // read, so only the kernel-side mapping capture is left.
+        if std::env::var_os("RFH_TRACE_TEST_NO_PROC").is_some() {
+            return Err(io::Error::other(
+                "/proc reads disabled by RFH_TRACE_TEST_NO_PROC",
+            ));
+        }
+
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         let maps = fs::read_to_string(proc_dir.join("maps"))?;
         let mut modules = Vec::new();

@@ -269,3 +269,18 @@ pub fn wait_attached(pid: u32) -> Vec<u64> {
 
 /// How many BPF programs rfh-trace loads.
 pub const PROGRAMS: usize = 7;
+
+/// The thread of a report with this name.
+pub fn thread_named<'a>(r: &'a Value, name: &str) -> &'a Value {
+    r["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| {
+            panic!(
+                "no thread named {name} among {} threads",
+                r["threads"].as_array().map_or(0, |a| a.len())
+            )
+        })
+}

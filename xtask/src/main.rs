@@ -27,7 +27,7 @@ enum Task {
     /// Check for and install the build prerequisites (nightly, rust-src, bpf-linker).
     Setup {
         /// Also install the tools the tests and benchmarks use
-        /// (cc, c++, gdb, eu-stack, bpftool).
+        /// (cc, c++, gdb, eu-stack, bpftool, libc6-dbg).
         #[arg(long)]
         with_test_tools: bool,
     },
@@ -45,9 +45,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run setup (with test tools), build release and run the `crash` benchmark.
+    /// Run setup (with test tools), build release and run the `crash` and `dump` benchmarks.
     Bench {
-        /// Extra arguments passed to the benchmark (after `cargo bench ... --`).
+        /// Extra arguments passed to each benchmark (after `cargo bench ... --`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -138,15 +138,22 @@ fn test(extra: Vec<String>) -> Result<()> {
     run(&mut test)
 }
 
+/// The benchmarks `bench` runs, in this order, one `cargo bench` each.
+const BENCHES: [&str; 2] = ["crash", "dump"];
+
 fn bench(extra: Vec<String>) -> Result<()> {
     setup::setup(true)?;
     build(true)?;
-    let mut bench = cmd("cargo");
-    bench
-        .arg("bench")
-        .args(sudo_runner_args()?)
-        .args(["-p", "faulthandler-user", "--bench", "crash", "--"])
-        .args(extra);
-    eprintln!("xtask: {}", display(&bench));
-    run(&mut bench)
+    let runner = sudo_runner_args()?;
+    for name in BENCHES {
+        let mut bench = cmd("cargo");
+        bench
+            .arg("bench")
+            .args(&runner)
+            .args(["-p", "faulthandler-user", "--bench", name, "--"])
+            .args(&extra);
+        eprintln!("xtask: {}", display(&bench));
+        run(&mut bench)?;
+    }
+    Ok(())
 }
