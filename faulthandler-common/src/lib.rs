@@ -8,7 +8,12 @@
 /// Largest user-stack copy one signal event can carry. The ring-buffer
 /// reservation has to be a verifier-visible constant, so this is the upper
 /// bound; `Config::stack_size` picks how much of it is actually copied.
-pub const STACK_MAX: usize = 64 * 1024;
+/// Every record reserves this much whatever is copied, and the ring
+/// buffer is mapped (twice) into rfh-trace, so it is kept at the default.
+pub const STACK_MAX: usize = 32 * 1024;
+/// Size of the event ring buffer: room for a 256-thread crash report's
+/// records even before userspace starts draining.
+pub const RING_BYTES: u32 = 16 * 1024 * 1024;
 /// Default number of stack bytes copied from SP (`--stack-size`).
 pub const STACK_DEFAULT: u32 = 32 * 1024;
 /// Frame-pointer chain depth from `bpf_get_stack`.

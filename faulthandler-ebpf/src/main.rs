@@ -40,7 +40,7 @@ static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(WATCH_MAX, 0);
 static DYING: HashMap<u32, Dying> = HashMap::with_max_entries(1024, 0);
 
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(32 * 1024 * 1024, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
 /// Failed reservations, reported to userspace in the next record.
 #[map]

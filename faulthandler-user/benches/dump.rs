@@ -54,6 +54,14 @@ fn cc(src: &Path, exe: &Path, extra: &[&str]) {
     assert!(ok.success(), "cc failed on {}", src.display());
 }
 
+/// One aligned result line: label, value, note.
+fn row(label: &str, value: String, note: &str) {
+    println!(
+        "{}",
+        format!("  {label:<32}{value:>10}   {note}").trim_end()
+    );
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -178,7 +186,6 @@ fn dumps(dir: &Path) {
     println!(
         "all-thread dump of a live 100-thread process (-O2 -fomit-frame-pointer), median of {ROUNDS} alternating rounds:"
     );
-    let row = |label: &str, v: String, note: &str| println!("  {label:<32}{v:>9}   {note}");
     row(
         "rfh-trace dump --format json:",
         format!("{r:.2} ms"),
@@ -273,7 +280,6 @@ fn sampling(dir: &Path) {
     println!(
         "CPU cost of --timeout sampling (49 Hz) to a CPU-bound workload, median of {CPU_ROUNDS} alternating runs:"
     );
-    let row = |label: &str, v: String, note: &str| println!("  {label:<32}{v:>10}   {note}");
     row(
         "workload alone:",
         format!("{b:.1} ms"),

@@ -54,7 +54,9 @@ pub enum CaptureError {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("kernel BTF is needed to load the task iterator")]
+    #[error(transparent)]
+    Offsets(#[from] crate::btf::BtfError),
+    #[error("cannot read kernel BTF")]
     Btf(#[source] aya::BtfError),
     #[error("task iterator failed: {0}")]
     Iter(String),
@@ -68,7 +70,9 @@ pub struct CaptureOptions {
     pub signal_mask: u64,
     pub stack_size: u32,
     pub max_threads: u32,
-    pub offsets: KernelOffsets,
+    /// Attach the signal and process-lifecycle tracepoints (everything
+    /// but `rfh-trace dump`).
+    pub watch: bool,
     /// Load the dump iterator and the sampler (dumps, timeouts,
     /// --on-signal); they cost start-up time, so only when needed.
     pub dumps: bool,
@@ -87,7 +91,13 @@ fn is_permission_error(e: &aya::EbpfError) -> bool {
 }
 
 impl Capture {
-    pub fn start(opts: &CaptureOptions) -> Result<Self, CaptureError> {
+    /// `offsets` is called once the programs are loaded, so the caller can
+    /// work them out from kernel BTF meanwhile; until then the programs
+    /// see an all-zero config and capture nothing.
+    pub fn start(
+        opts: &CaptureOptions,
+        offsets: impl FnOnce() -> Result<KernelOffsets, crate::btf::BtfError>,
+    ) -> Result<Self, CaptureError> {
         // Kernels >= 5.11 charge BPF memory to the memcg, so failing to
         // raise RLIMIT_MEMLOCK (no CAP_SYS_RESOURCE) is harmless.
         let rlim = libc::rlimit {
@@ -96,32 +106,19 @@ impl Capture {
         };
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
-            if is_permission_error(&e) {
-                CaptureError::NotPermitted(e)
-            } else {
-                CaptureError::Load(e)
-            }
-        })?;
-        let config = Config {
-            flags: if opts.all { CFG_ALL } else { 0 } | if opts.follow { CFG_FOLLOW } else { 0 },
-            stack_size: opts.stack_size.min(STACK_MAX as u32),
-            signal_mask: opts.signal_mask,
-            max_threads: opts.max_threads,
-            _pad: 0,
-            offsets: opts.offsets,
-        };
-        let mut cfg: Array<_, Config> =
-            Array::try_from(map(&mut ebpf, "CONFIG")?).map_err(|source| CaptureError::Map {
-                name: "CONFIG",
-                source,
+        // Parsed once: the loader and the task iterator both need it.
+        let btf = aya::Btf::from_sys_fs().map_err(CaptureError::Btf)?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .load(OBJECT)
+            .map_err(|e| {
+                if is_permission_error(&e) {
+                    CaptureError::NotPermitted(e)
+                } else {
+                    CaptureError::Load(e)
+                }
             })?;
-        cfg.set(0, config, 0).map_err(|source| CaptureError::Map {
-            name: "CONFIG",
-            source,
-        })?;
-
-        for name in TRACEPOINTS {
+        for name in TRACEPOINTS.iter().copied().filter(|_| opts.watch) {
             let prog: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .ok_or(CaptureError::MissingProgram(name))?
@@ -139,13 +136,29 @@ impl Capture {
             source,
         })?;
         if opts.dumps {
-            let btf = aya::Btf::from_sys_fs().map_err(CaptureError::Btf)?;
             let iter: &mut Iter = program(&mut ebpf, "dump_task")?;
             iter.load("task", &btf)
                 .map_err(program_error("dump_task"))?;
             let sample: &mut PerfEvent = program(&mut ebpf, "sample")?;
             sample.load().map_err(program_error("sample"))?;
         }
+        let config = Config {
+            flags: if opts.all { CFG_ALL } else { 0 } | if opts.follow { CFG_FOLLOW } else { 0 },
+            stack_size: opts.stack_size.min(STACK_MAX as u32),
+            signal_mask: opts.signal_mask,
+            max_threads: opts.max_threads,
+            _pad: 0,
+            offsets: offsets()?,
+        };
+        let mut cfg: Array<_, Config> =
+            Array::try_from(map(&mut ebpf, "CONFIG")?).map_err(|source| CaptureError::Map {
+                name: "CONFIG",
+                source,
+            })?;
+        cfg.set(0, config, 0).map_err(|source| CaptureError::Map {
+            name: "CONFIG",
+            source,
+        })?;
         Ok(Self {
             ebpf,
             events,
@@ -167,7 +180,10 @@ impl Capture {
 
     /// Runs the task iterator over `tgid`'s threads: one dump record per
     /// thread lands in the ring buffer before this returns.
-    pub fn dump(&mut self, tgid: u32) -> Result<(), CaptureError> {
+    /// Each record is handed to `f` as it arrives: a process with more
+    /// threads than the ring buffer holds is drained while the iterator
+    /// runs on another thread.
+    pub fn dump(&mut self, tgid: u32, mut f: impl FnMut(&[u8])) -> Result<(), CaptureError> {
         self.set_dump_target(tgid)?;
         let iter: &mut Iter = program(&mut self.ebpf, "dump_task")?;
         let link_id = iter.attach().map_err(program_error("dump_task"))?;
@@ -177,11 +193,25 @@ impl Capture {
         let mut file = link
             .into_file()
             .map_err(|e| CaptureError::Iter(e.to_string()))?;
-        // Reading the iterator runs it; the program writes nothing here.
-        let mut sink = Vec::new();
-        file.read_to_end(&mut sink)
-            .map_err(|e| CaptureError::Iter(e.to_string()))?;
-        Ok(())
+        let events = &mut self.events;
+        std::thread::scope(|scope| {
+            // Reading the iterator runs it; the program writes nothing here.
+            let run = scope.spawn(move || file.read_to_end(&mut Vec::new()));
+            while !run.is_finished() {
+                while let Some(item) = events.next() {
+                    f(&item);
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            while let Some(item) = events.next() {
+                f(&item);
+            }
+            match run.join() {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(CaptureError::Iter(e.to_string())),
+                Err(_) => Err(CaptureError::Iter("the iterator thread panicked".into())),
+            }
+        })
     }
 
     /// Samples each of `tids` on the CPU clock for `span`: threads that

@@ -68,7 +68,7 @@ pub struct Cli {
     #[arg(long, short, value_name = "PATH", global = true)]
     pub output: Option<PathBuf>,
 
-    /// Bytes of user stack copied at the signal, at most 65536.
+    /// Bytes of user stack copied from SP for each thread, 256 to 32768.
     #[arg(long, default_value_t = faulthandler_common::STACK_DEFAULT, value_name = "BYTES",
           value_parser = clap::value_parser!(u32).range(256..=faulthandler_common::STACK_MAX as i64))]
     pub stack_size: u32,

@@ -20,9 +20,8 @@ impl Watcher {
     /// and stack for threads blocked in the kernel, a sample for threads
     /// that were running. The main thread comes first.
     pub fn snapshot(&mut self, pid: u32) -> Result<Vec<Box<SignalCapture>>, CaptureError> {
-        self.capture.dump(pid)?;
         let mut records = Vec::new();
-        self.capture.drain(&mut |r: &[u8]| records.push(r.to_vec()));
+        self.capture.dump(pid, |r| records.push(r.to_vec()))?;
         let mut dumped: Vec<Box<SignalCapture>> = Vec::new();
         let mut rest = Vec::new();
         for r in records {

@@ -127,7 +127,7 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
         .map(|&p| check_pid(p))
         .collect::<Result<Vec<_>, _>>()?;
     let dumps = cli.timeout.is_some() || on_signal != 0;
-    let mut w = watcher(&cli, mask | on_signal, dumps)?;
+    let mut w = watcher(&cli, mask | on_signal, true, dumps)?;
     w.on_signal = on_signal;
     if cli.timeout.is_some() {
         w.capture.start_profiling(PROFILE_HZ)?;
@@ -164,7 +164,7 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
 const PROFILE_HZ: u64 = 49;
 
 /// Checks, the output sink, kernel offsets and the loaded programs.
-fn watcher(cli: &Cli, signal_mask: u64, dumps: bool) -> Result<Watcher, RunError> {
+fn watcher(cli: &Cli, signal_mask: u64, watch: bool, dumps: bool) -> Result<Watcher, RunError> {
     let sink = match &cli.output {
         Some(path) => Sink::File(output::open(path)?),
         None => Sink::Stderr,
@@ -172,16 +172,24 @@ fn watcher(cli: &Cli, signal_mask: u64, dumps: bool) -> Result<Watcher, RunError
     if !privileged() {
         return Err(RunError::NotPrivileged);
     }
-    let offsets = btf::kernel_offsets(&btf::Btf::from_sys_fs()?)?;
-    let capture = Capture::start(&CaptureOptions {
-        all: cli.all,
-        follow: !cli.no_follow,
-        signal_mask,
-        stack_size: cli.stack_size,
-        max_threads: cli.max_threads,
-        offsets,
-        dumps,
-    })?;
+    // Parsing kernel BTF for our offsets overlaps with loading the programs.
+    let offsets = std::thread::spawn(|| btf::kernel_offsets(&btf::Btf::from_sys_fs()?));
+    let capture = Capture::start(
+        &CaptureOptions {
+            all: cli.all,
+            follow: !cli.no_follow,
+            signal_mask,
+            stack_size: cli.stack_size,
+            max_threads: cli.max_threads,
+            watch,
+            dumps,
+        },
+        || {
+            offsets
+                .join()
+                .unwrap_or_else(|_| Err(btf::BtfError::Malformed("the BTF parser panicked".into())))
+        },
+    )?;
     let color = cli.output.is_none()
         && std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none();
@@ -196,7 +204,7 @@ fn watcher(cli: &Cli, signal_mask: u64, dumps: bool) -> Result<Watcher, RunError
 /// `rfh-trace dump PID`.
 fn dump(cli: &Cli, pid: i64) -> Result<i32, RunError> {
     let pid = check_pid(pid)?;
-    let mut w = watcher(cli, 0, true)?;
+    let mut w = watcher(cli, 0, false, true)?;
     let _ = w.tracker.refresh(pid);
     let report = w.dump_report(pid, "on_demand")?;
     w.emit(&report);

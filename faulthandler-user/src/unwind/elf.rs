@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::ops::Range;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,8 +22,7 @@ type Data = Arc<[u8]>;
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub(super) enum Identity {
     BuildId(Vec<u8>),
-    /// dev, inode, size, mtime (s, ns)
-    Stat([i64; 5]),
+    Stat(procs::FileStamp),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -80,15 +78,7 @@ pub(super) fn identity(m: &Module) -> Option<Identity> {
     if let Some(id) = &m.build_id {
         return Some(Identity::BuildId(id.clone()));
     }
-    let md = std::fs::metadata(&m.open_path).ok()?;
-    let stat = [
-        md.dev() as i64,
-        md.ino() as i64,
-        md.size() as i64,
-        md.mtime(),
-        md.mtime_nsec(),
-    ];
-    Some(Identity::Stat(stat))
+    procs::file_stamp(&m.open_path).map(Identity::Stat)
 }
 
 /// Load bias (AVMA - SVMA) of the mapping of `file_offset` at `start`.

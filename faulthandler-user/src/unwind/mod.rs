@@ -190,6 +190,7 @@ impl Unwinder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::procs::parse_maps_line;
     use object::{Object as _, ObjectSymbol as _, SymbolKind};
     use std::path::Path;
     use std::process::Command;
@@ -270,21 +271,7 @@ int main(int argc, char **argv) {
         let read = |n| std::fs::read_to_string(dir.path().join(n)).expect(n);
         let h = |s: &str| u64::from_str_radix(s, 16).ok();
         let r: Vec<u64> = read("regs").split(' ').filter_map(h).collect();
-        let module = |l: &str| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() == 6 && f[1].contains('x') && f[5].starts_with('/')).then_some(())?;
-            let (s, e) = f[0].split_once('-')?;
-            let (start, end, file_offset) = (h(s)?, h(e)?, h(f[2])?);
-            let (open_path, name, build_id) = (f[5].into(), f[5].into(), None);
-            Some(Module {
-                open_path,
-                name,
-                start,
-                end,
-                file_offset,
-                build_id,
-            })
-        };
+        let module = |l| parse_maps_line(l).map(|m| m.module(m.path.into(), None));
         let (regs, main) = (
             Regs {
                 ip: r[0],

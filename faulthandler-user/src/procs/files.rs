@@ -1,0 +1,331 @@
+//! The mapped files behind the modules: parsing /proc/PID/maps, the cache
+//! of open handles (one per file across processes) and its eviction, and
+//! finding a file again for a mapping only the kernel saw.
+
+use std::{
+    collections::{HashSet, hash_map::Entry},
+    fs::{self, File},
+    io::{Read, Seek, SeekFrom},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+use super::Tracker;
+use crate::modules::Module;
+
+/// Above this many cached open files, the ones no tracked process maps
+/// any more are closed.
+pub(super) const MAX_OPEN_FILES: usize = 4096;
+
+pub(super) struct OpenFile {
+    file: File,
+    pub(super) name: String,
+    pub(super) build_id: Option<Vec<u8>>,
+}
+
+impl OpenFile {
+    pub(super) fn open_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
+impl Tracker {
+    /// The cached handle on the file `m` maps, opened through `proc_dir`
+    /// when first seen.
+    pub(super) fn file_for(&mut self, proc_dir: &Path, m: &MapsLine) -> Option<&OpenFile> {
+        match self.files.entry((m.dev, m.ino)) {
+            Entry::Occupied(e) => Some(e.into_mut()),
+            Entry::Vacant(e) => Some(e.insert(open_mapped(proc_dir, m)?)),
+        }
+    }
+
+    /// With more than `file_limit` files open, closes those no tracked
+    /// process maps any more.
+    pub(super) fn evict(&mut self) {
+        if self.files.len() <= self.evict_above {
+            return;
+        }
+        let used: HashSet<(u64, u64)> = self
+            .procs
+            .values()
+            .flat_map(|p| p.file_keys.iter().copied())
+            .collect();
+        self.files.retain(|k, _| used.contains(k));
+        self.evict_above = self.file_limit.max(self.files.len() + self.file_limit / 4);
+    }
+}
+
+/// A file's identity for caches keyed by it: dev, inode, size and mtime
+/// (s, ns). A path alone may name a different file by the next report (a
+/// package upgrade), and several paths may name one file (`/proc/PID/root`
+/// and `/proc/self/fd` aliases).
+pub type FileStamp = [i64; 5];
+
+pub fn file_stamp(path: &Path) -> Option<FileStamp> {
+    let md = fs::metadata(path).ok()?;
+    Some([
+        md.dev() as i64,
+        md.ino() as i64,
+        md.size() as i64,
+        md.mtime(),
+        md.mtime_nsec(),
+    ])
+}
+
+/// Kernel-internal device number (`MKDEV`), as in `super_block.s_dev`, so
+/// that keys from /proc match the `dev` the kernel captures in a `Vma`.
+fn mkdev(major: u64, minor: u64) -> u64 {
+    (major << 20) | minor
+}
+
+/// The kernel appends this to the path of a file unlinked since it was
+/// mapped or exec'd; reports show the path the process used.
+pub(super) fn strip_deleted(path: &str) -> &str {
+    path.trim_end_matches(" (deleted)")
+}
+
+/// An executable file mapping in /proc/PID/maps.
+pub(crate) struct MapsLine<'a> {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) offset: u64,
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) path: &'a str,
+}
+
+impl MapsLine<'_> {
+    pub(crate) fn module(&self, open_path: PathBuf, build_id: Option<Vec<u8>>) -> Module {
+        Module {
+            open_path,
+            name: strip_deleted(self.path).to_string(),
+            start: self.start,
+            end: self.end,
+            file_offset: self.offset,
+            build_id,
+        }
+    }
+}
+
+/// None for lines that are not executable file mappings.
+pub(crate) fn parse_maps_line(line: &str) -> Option<MapsLine<'_>> {
+    let mut it = line.splitn(6, ' ');
+    let range = it.next()?;
+    let perms = it.next()?;
+    let offset = u64::from_str_radix(it.next()?, 16).ok()?;
+    let dev = it.next()?;
+    let ino: u64 = it.next()?.parse().ok()?;
+    let path = it.next().unwrap_or("").trim_start();
+    if !perms.contains('x') || ino == 0 || !path.starts_with('/') {
+        return None;
+    }
+    let (s, e) = range.split_once('-')?;
+    let (maj, min) = dev.split_once(':')?;
+    Some(MapsLine {
+        start: u64::from_str_radix(s, 16).ok()?,
+        end: u64::from_str_radix(e, 16).ok()?,
+        offset,
+        dev: mkdev(
+            u64::from_str_radix(maj, 16).ok()?,
+            u64::from_str_radix(min, 16).ok()?,
+        ),
+        ino,
+        path,
+    })
+}
+
+fn open_mapped(proc_dir: &Path, m: &MapsLine) -> Option<OpenFile> {
+    let by_range = proc_dir.join(format!("map_files/{:x}-{:x}", m.start, m.end));
+    let name = strip_deleted(m.path);
+    let mut file = File::open(&by_range)
+        .or_else(|_| File::open(proc_dir.join("root").join(name.trim_start_matches('/'))))
+        .ok()?;
+    let build_id = build_id(&mut file);
+    Some(OpenFile {
+        file,
+        name: name.to_string(),
+        build_id,
+    })
+}
+
+/// Finds a file by the dentry name the kernel saw and its (dev, inode),
+/// for mappings of a process that died before /proc could be read.
+pub(super) fn find_by_identity<'a>(
+    name: &str,
+    (dev, ino): (u64, u64),
+    hints: impl Iterator<Item = &'a PathBuf>,
+) -> Option<PathBuf> {
+    if name.is_empty() || name.contains('/') {
+        return None;
+    }
+    let mut candidates: Vec<PathBuf> = hints.cloned().collect();
+    for dir in [
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib64",
+        "/usr/lib64",
+        "/lib",
+        "/usr/lib",
+    ] {
+        candidates.push(Path::new(dir).join(name));
+    }
+    candidates.into_iter().find(|p| {
+        fs::metadata(p).is_ok_and(|md| {
+            let d = md.dev();
+            let kdev = mkdev(libc::major(d) as u64, libc::minor(d) as u64);
+            md.ino() == ino && kdev == dev
+        })
+    })
+}
+
+/// GNU build-id from the ELF's PT_NOTE segments, without reading the
+/// whole file.
+pub fn build_id(file: &mut File) -> Option<Vec<u8>> {
+    const PT_NOTE: u32 = 4;
+    const NT_GNU_BUILD_ID: u32 = 3;
+    let mut ehdr = [0u8; 64];
+    file.seek(SeekFrom::Start(0)).ok()?;
+    file.read_exact(&mut ehdr).ok()?;
+    if &ehdr[..4] != b"\x7fELF" || ehdr[4] != 2 || ehdr[5] != 1 {
+        return None;
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let u32_at =
+        |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
+    let u64_at =
+        |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+    let phoff = u64_at(&ehdr, 32);
+    let (phentsize, phnum) = (u16_at(&ehdr, 54), u16_at(&ehdr, 56));
+    if phentsize < 56 || phnum > 256 {
+        return None;
+    }
+    let mut phdrs = vec![0u8; phentsize * phnum];
+    file.seek(SeekFrom::Start(phoff)).ok()?;
+    file.read_exact(&mut phdrs).ok()?;
+    for ph in phdrs.chunks_exact(phentsize) {
+        if u32_at(ph, 0) != PT_NOTE {
+            continue;
+        }
+        let (off, size) = (u64_at(ph, 8), u64_at(ph, 32).min(64 * 1024) as usize);
+        let mut notes = vec![0u8; size];
+        file.seek(SeekFrom::Start(off)).ok()?;
+        file.read_exact(&mut notes).ok()?;
+        let mut p = 0;
+        while p + 12 <= notes.len() {
+            let (namesz, descsz, ty) = (
+                u32_at(&notes, p) as usize,
+                u32_at(&notes, p + 4) as usize,
+                u32_at(&notes, p + 8),
+            );
+            let name_end = p + 12 + namesz.next_multiple_of(4);
+            let desc_end = name_end + descsz.next_multiple_of(4);
+            if desc_end > notes.len() {
+                break;
+            }
+            if ty == NT_GNU_BUILD_ID && notes[p + 12..p + 12 + namesz].starts_with(b"GNU") {
+                return Some(notes[name_end..name_end + descsz].to_vec());
+            }
+            p = desc_end;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines() {
+        let l = "7f1c2a028000-7f1c2a1bd000 r-xp 00028000 fd:01 1835263                    /usr/lib/x86_64-linux-gnu/libc.so.6";
+        let m = parse_maps_line(l).unwrap();
+        assert_eq!(
+            (m.start, m.end, m.offset, m.ino),
+            (0x7f1c2a028000, 0x7f1c2a1bd000, 0x28000, 1835263)
+        );
+        assert_eq!(m.dev, (0xfd << 20) | 1);
+        assert_eq!(m.path, "/usr/lib/x86_64-linux-gnu/libc.so.6");
+        assert!(parse_maps_line("7ffd-7ffe r-xp 00000000 00:00 0  [vdso]").is_none());
+        assert!(parse_maps_line("5555-5556 r--p 00000000 fd:01 12 /bin/x").is_none());
+        let d = parse_maps_line("5555-5556 r-xp 00001000 fd:01 12 /tmp/a b (deleted)").unwrap();
+        assert_eq!(d.path, "/tmp/a b (deleted)");
+    }
+
+    #[test]
+    fn own_build_id_matches_notes() {
+        let mut f = File::open("/proc/self/exe").unwrap();
+        let id = build_id(&mut f);
+        // Rust test binaries are linked with a build-id by default on Linux.
+        assert!(id.as_ref().is_some_and(|i| i.len() >= 16), "{id:?}");
+    }
+
+    fn file_keys(t: &Tracker) -> HashSet<(u64, u64)> {
+        t.files.keys().copied().collect()
+    }
+
+    fn keys_of(t: &Tracker, pid: u32) -> HashSet<(u64, u64)> {
+        t.get(pid).unwrap().file_keys.iter().copied().collect()
+    }
+
+    /// Entries no process references, as a forgotten process leaves.
+    fn add_stale(t: &mut Tracker, n: u64) -> HashSet<(u64, u64)> {
+        (0..n)
+            .map(|i| {
+                let key = (u64::MAX, i);
+                let file = File::open("/dev/null").unwrap();
+                let name = "/dev/null".to_string();
+                t.files.insert(
+                    key,
+                    OpenFile {
+                        file,
+                        name,
+                        build_id: None,
+                    },
+                );
+                key
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unused_files_are_closed_above_the_limit() {
+        let own = std::process::id();
+        let parent = std::os::unix::process::parent_id();
+
+        // At or under the limit nothing is closed.
+        let mut t = Tracker::with_file_limit(1000);
+        let stale = add_stale(&mut t, 3);
+        t.refresh(own).unwrap();
+        assert!(stale.is_subset(&file_keys(&t)));
+
+        // Over it, only what no tracked process maps is closed.
+        let mut t = Tracker::with_file_limit(0);
+        let stale = add_stale(&mut t, 3);
+        t.refresh(own).unwrap();
+        let own_keys = keys_of(&t, own);
+        assert!(!own_keys.is_empty());
+        assert_eq!(file_keys(&t), own_keys);
+        // Modules still open through live handles of the same files.
+        for m in &t.get(own).unwrap().modules {
+            let (a, b) = (fs::metadata(&m.open_path).unwrap(), fs::metadata(&m.name));
+            assert!(
+                b.is_ok_and(|b| (a.dev(), a.ino()) == (b.dev(), b.ino())),
+                "{m:?}"
+            );
+        }
+
+        // A forgotten process's files go once another refresh overflows,
+        // except those another tracked process maps too.
+        t.forget(own);
+        add_stale(&mut t, 3);
+        t.refresh(parent).unwrap();
+        assert_eq!(file_keys(&t), keys_of(&t, parent));
+        assert!(file_keys(&t).is_disjoint(&stale));
+
+        // The default limit leaves a small cache alone.
+        let mut t = Tracker::default();
+        let stale = add_stale(&mut t, 3);
+        t.refresh(own).unwrap();
+        assert!(stale.is_subset(&file_keys(&t)));
+    }
+}
