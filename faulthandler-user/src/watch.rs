@@ -31,9 +31,10 @@ const SIG_IGN: u64 = 1;
 const SIGKILL: i32 = 9;
 const SI_KERNEL: i32 = 0x80;
 
-/// How long a dying process may take to finish dying (a thread stuck in
-/// uninterruptible sleep) before its report goes out with the threads
-/// captured so far.
+/// How long a dying process may go without another of its threads dying
+/// (a thread stuck in uninterruptible sleep) before its report goes out
+/// with the threads captured so far. Measured from the latest thread, so
+/// a thousand threads dying slowly on a loaded machine are not cut short.
 const DYING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The kernel's account of a death that was not delivered as a signal to
@@ -56,6 +57,7 @@ struct Dying {
     killed: Option<Killed>,
     /// Every other thread, captured at its group-exit SIGKILL.
     siblings: Vec<Box<SignalCapture>>,
+    /// When the latest record of this death arrived.
     since: Instant,
 }
 
@@ -287,6 +289,7 @@ impl Watcher {
         }
         if ev.flags & SIG_F_GROUP_EXIT != 0 {
             if let Some(d) = self.dying.get_mut(&ev.pid) {
+                d.since = Instant::now();
                 d.siblings.push(s);
             }
             return;

@@ -59,9 +59,9 @@ impl Tracker {
 /// (s, ns). A path alone may name a different file by the next report (a
 /// package upgrade), and several paths may name one file (`/proc/PID/root`
 /// and `/proc/self/fd` aliases).
-pub type FileStamp = [i64; 5];
+pub(crate) type FileStamp = [i64; 5];
 
-pub fn file_stamp(path: &Path) -> Option<FileStamp> {
+pub(crate) fn file_stamp(path: &Path) -> Option<FileStamp> {
     let md = fs::metadata(path).ok()?;
     Some([
         md.dev() as i64,

@@ -21,8 +21,8 @@ use std::{
 use faulthandler_common::Vma;
 
 pub use self::container::container_id;
-pub(crate) use self::files::parse_maps_line;
-pub use self::files::{FileStamp, build_id, file_stamp};
+pub use self::files::build_id;
+pub(crate) use self::files::{FileStamp, file_stamp, parse_maps_line};
 use self::files::{MAX_OPEN_FILES, OpenFile, find_by_identity, strip_deleted};
 use crate::{decode::c_str, modules::Module};
 
@@ -123,6 +123,10 @@ impl Tracker {
                 .unwrap_or_else(|_| path.to_path_buf())
         };
         self.exec_paths.insert(pid, path);
+        // What was known belongs to the old image (often the parent's,
+        // copied at fork); if the new one dies before /proc can be read,
+        // stale mappings and exe would be worse than none.
+        self.procs.remove(&pid);
         let _ = self.refresh(pid);
     }
 
