@@ -106,18 +106,18 @@ impl Capture {
         };
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 
-        // Parsed once: the loader and the task iterator both need it.
-        let btf = aya::Btf::from_sys_fs().map_err(CaptureError::Btf)?;
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
-            .load(OBJECT)
-            .map_err(|e| {
-                if is_permission_error(&e) {
-                    CaptureError::NotPermitted(e)
-                } else {
-                    CaptureError::Load(e)
-                }
-            })?;
+        // Kernel BTF is only for the task iterator's attach target (the
+        // programs use no CO-RE): parse it beside the load, and only then.
+        let kernel_btf = opts
+            .dumps
+            .then(|| std::thread::spawn(aya::Btf::from_sys_fs));
+        let mut ebpf = EbpfLoader::new().btf(None).load(OBJECT).map_err(|e| {
+            if is_permission_error(&e) {
+                CaptureError::NotPermitted(e)
+            } else {
+                CaptureError::Load(e)
+            }
+        })?;
         for name in TRACEPOINTS.iter().copied().filter(|_| opts.watch) {
             let prog: &mut RawTracePoint = ebpf
                 .program_mut(name)
@@ -135,7 +135,11 @@ impl Capture {
             name: "EVENTS",
             source,
         })?;
-        if opts.dumps {
+        if let Some(kernel_btf) = kernel_btf {
+            let btf = kernel_btf
+                .join()
+                .map_err(|_| CaptureError::Iter("the BTF parser panicked".into()))?
+                .map_err(CaptureError::Btf)?;
             let iter: &mut Iter = program(&mut ebpf, "dump_task")?;
             iter.load("task", &btf)
                 .map_err(program_error("dump_task"))?;

@@ -4,6 +4,7 @@ use faulthandler_common::{REG_BP, REG_IP, REG_SP, SIG_F_HAS_REGS};
 
 use crate::{
     decode::{SignalCapture, c_str},
+    modules::Module,
     procs::Tracker,
     report::Thread,
     symbolize::Symbolizer,
@@ -26,7 +27,69 @@ impl Pipeline {
         }
     }
 
+    /// Reads the unwind tables and debug info of `modules` ahead of the
+    /// first report that needs them.
+    pub fn warm(&mut self, modules: &[Module]) {
+        let Some(first) = modules.first() else { return };
+        let starts: Vec<u64> = modules.iter().map(|m| m.start).collect();
+        let _ = self.symbolizer.symbolize_stacks(&[&starts], modules);
+        let regs = Regs {
+            ip: first.start,
+            sp: 0,
+            bp: 0,
+        };
+        let _ = self.unwinder.unwind(
+            &regs,
+            &StackCopy {
+                base: 0,
+                bytes: &[],
+            },
+            modules,
+            1,
+        );
+    }
+
     pub fn thread(&mut self, tracker: &Tracker, s: &SignalCapture, current: bool) -> Thread {
+        self.threads(tracker, &[(s, current)])
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Several threads of one report: unwound one by one, then the
+    /// addresses of all that share the same modules symbolized in one batch.
+    pub fn threads(&mut self, tracker: &Tracker, caps: &[(&SignalCapture, bool)]) -> Vec<Thread> {
+        let mut threads = Vec::with_capacity(caps.len());
+        let mut pending: Vec<(usize, Vec<u64>, Vec<Module>)> = Vec::new();
+        for (i, &(s, current)) in caps.iter().enumerate() {
+            let (thread, unwound) = self.unwind(tracker, s, current);
+            threads.push(thread);
+            if let Some(u) = unwound {
+                pending.push((i, u.0, u.1));
+            }
+        }
+        while !pending.is_empty() {
+            let modules = pending[0].2.clone();
+            let (same, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|p| p.2 == modules);
+            pending = rest;
+            let stacks: Vec<&[u64]> = same.iter().map(|p| p.1.as_slice()).collect();
+            for ((i, _, _), frames) in same
+                .iter()
+                .zip(self.symbolizer.symbolize_stacks(&stacks, &modules))
+            {
+                threads[*i].frames = frames;
+            }
+        }
+        threads
+    }
+
+    /// The thread without its frames yet, and the addresses to symbolize
+    /// with the modules they belong to.
+    fn unwind(
+        &mut self,
+        tracker: &Tracker,
+        s: &SignalCapture,
+        current: bool,
+    ) -> (Thread, Option<(Vec<u64>, Vec<Module>)>) {
         let ev = &s.event;
         let mut t = Thread {
             tid: ev.tid,
@@ -37,7 +100,7 @@ impl Pipeline {
         };
         if ev.flags & SIG_F_HAS_REGS == 0 {
             t.error = Some("the kernel did not give this thread's user registers".into());
-            return t;
+            return (t, None);
         }
         let nvmas = (ev.nvmas as usize).min(ev.vmas.len());
         let modules = tracker.modules_for(ev.pid, &ev.vmas[..nvmas]);
@@ -60,7 +123,6 @@ impl Pipeline {
             unwound.addrs = ev.fp[..fp_len].to_vec();
             unwound.method = Method::FramePointer;
         }
-        t.frames = self.symbolizer.symbolize(&unwound.addrs, &modules);
         t.truncated = unwound.truncated;
         t.unwind = Some(unwound.method.as_str());
         t.error = unwound.error;
@@ -70,6 +132,6 @@ impl Pipeline {
                 ev.stack_err
             ));
         }
-        t
+        (t, Some((unwound.addrs, modules)))
     }
 }

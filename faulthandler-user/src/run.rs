@@ -14,6 +14,8 @@ use crate::{
     capture::{Capture, CaptureError, CaptureOptions},
     cli::{Cli, Cmd, Format},
     output::{self, Sink},
+    pipeline::Pipeline,
+    procs::Tracker,
     signals, spawn,
     watch::{STOP, WatchOptions, Watcher, stop_requested},
 };
@@ -36,6 +38,8 @@ pub enum RunError {
     NoSuchPid(i64),
     #[error("pid {0} is a kernel thread, which has no user stack to report; pick a user process")]
     KernelThread(i64),
+    #[error("the program loader thread panicked")]
+    Panicked,
     #[error("nothing to watch: give `-- COMMAND`, `--pid PID` or `--all` (see --help)")]
     NothingToWatch,
     #[error("give either `-- COMMAND` or `--pid`/`--all`, not both")]
@@ -127,7 +131,7 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
         .map(|&p| check_pid(p))
         .collect::<Result<Vec<_>, _>>()?;
     let dumps = cli.timeout.is_some() || on_signal != 0;
-    let mut w = watcher(&cli, mask | on_signal, true, dumps)?;
+    let mut w = watcher(&cli, mask | on_signal, true, dumps, &pids)?;
     w.on_signal = on_signal;
     if cli.timeout.is_some() {
         w.capture.start_profiling(PROFILE_HZ)?;
@@ -164,7 +168,15 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
 const PROFILE_HZ: u64 = 49;
 
 /// Checks, the output sink, kernel offsets and the loaded programs.
-fn watcher(cli: &Cli, signal_mask: u64, watch: bool, dumps: bool) -> Result<Watcher, RunError> {
+/// `warm`: processes whose mappings, unwind tables and debug info are
+/// read while the programs load, so their first report is fast.
+fn watcher(
+    cli: &Cli,
+    signal_mask: u64,
+    watch: bool,
+    dumps: bool,
+    warm: &[u32],
+) -> Result<Watcher, RunError> {
     let sink = match &cli.output {
         Some(path) => Sink::File(output::open(path)?),
         None => Sink::Stderr,
@@ -172,40 +184,47 @@ fn watcher(cli: &Cli, signal_mask: u64, watch: bool, dumps: bool) -> Result<Watc
     if !privileged() {
         return Err(RunError::NotPrivileged);
     }
-    // Parsing kernel BTF for our offsets overlaps with loading the programs.
+    // Three things overlap: parsing kernel BTF for our offsets, loading
+    // and verifying the programs, and warming the pipeline here.
     let offsets = std::thread::spawn(|| btf::kernel_offsets(&btf::Btf::from_sys_fs()?));
-    let capture = Capture::start(
-        &CaptureOptions {
-            all: cli.all,
-            follow: !cli.no_follow,
-            signal_mask,
-            stack_size: cli.stack_size,
-            max_threads: cli.max_threads,
-            watch,
-            dumps,
-        },
-        || {
+    let opts = CaptureOptions {
+        all: cli.all,
+        follow: !cli.no_follow,
+        signal_mask,
+        stack_size: cli.stack_size,
+        max_threads: cli.max_threads,
+        watch,
+        dumps,
+    };
+    let loading = std::thread::spawn(move || {
+        Capture::start(&opts, || {
             offsets
                 .join()
                 .unwrap_or_else(|_| Err(btf::BtfError::Malformed("the BTF parser panicked".into())))
-        },
-    )?;
+        })
+    });
+    let mut tracker = Tracker::default();
+    let mut pipeline = Pipeline::new(cli.max_frames);
+    for &pid in warm {
+        if tracker.refresh(pid).is_ok() {
+            pipeline.warm(&tracker.modules_for(pid, &[]));
+        }
+    }
+    let capture = loading.join().map_err(|_| RunError::Panicked)??;
     let color = cli.output.is_none()
         && std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none();
     let opts = WatchOptions {
         json: cli.format == Format::Json,
         color,
-        max_frames: cli.max_frames,
     };
-    Ok(Watcher::new(capture, sink, opts))
+    Ok(Watcher::new(capture, tracker, pipeline, sink, opts))
 }
 
 /// `rfh-trace dump PID`.
 fn dump(cli: &Cli, pid: i64) -> Result<i32, RunError> {
     let pid = check_pid(pid)?;
-    let mut w = watcher(cli, 0, false, true)?;
-    let _ = w.tracker.refresh(pid);
+    let mut w = watcher(cli, 0, false, true, &[pid])?;
     let report = w.dump_report(pid, "on_demand")?;
     w.emit(&report);
     Ok(0)

@@ -76,7 +76,6 @@ impl Dying {
 pub struct WatchOptions {
     pub json: bool,
     pub color: bool,
-    pub max_frames: usize,
 }
 
 pub struct Watcher {
@@ -136,14 +135,20 @@ fn stack_overflow(sig: i32, addr: u64, sp: u64) -> bool {
 }
 
 impl Watcher {
-    pub fn new(capture: Capture, sink: Sink, opts: WatchOptions) -> Self {
+    pub fn new(
+        capture: Capture,
+        tracker: Tracker,
+        pipeline: Pipeline,
+        sink: Sink,
+        opts: WatchOptions,
+    ) -> Self {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
         Self {
             capture,
-            tracker: Tracker::default(),
-            pipeline: Pipeline::new(opts.max_frames),
+            tracker,
+            pipeline,
             sink,
             json: opts.json,
             color: opts.color,
@@ -403,13 +408,12 @@ impl Watcher {
         ktime: u64,
     ) -> Report {
         let info = self.tracker.get(pid).cloned().unwrap_or_default();
-        let mut threads = Vec::with_capacity(others.len() + 1);
-        if let Some(c) = current {
-            threads.push(self.pipeline.thread(&self.tracker, c, true));
-        }
-        for s in others {
-            threads.push(self.pipeline.thread(&self.tracker, s, false));
-        }
+        let caps: Vec<(&SignalCapture, bool)> = current
+            .map(|c| (c, true))
+            .into_iter()
+            .chain(others.iter().map(|s| (&**s, false)))
+            .collect();
+        let threads = self.pipeline.threads(&self.tracker, &caps);
         let first = current.or(others.first().map(|b| &**b));
         let ns_pid = first.map_or(0, |f| f.event.ns_pid);
         let time_ns = ktime as i128 + self.wall_offset_ns;

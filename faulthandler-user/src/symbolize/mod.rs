@@ -71,9 +71,56 @@ impl Symbolizer {
     /// Returns the frames, innermost first: for each address, its inlined
     /// frames first (inlined: true), then the outer function frame.
     pub fn symbolize(&mut self, addrs: &[u64], modules: &[Module]) -> Vec<Frame> {
+        let points: Vec<Point> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| Point {
+                addr: a,
+                ret: i > 0,
+            })
+            .collect();
+        self.symbolize_points(&points, modules)
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Many stacks of one process at once: each distinct address is
+    /// looked up once however many threads share it (a dump of a hundred
+    /// threads parked in the same functions is mostly repeats).
+    pub fn symbolize_stacks(&mut self, stacks: &[&[u64]], modules: &[Module]) -> Vec<Vec<Frame>> {
+        let mut index: HashMap<Point, usize> = HashMap::new();
+        let mut points = Vec::new();
+        for addrs in stacks {
+            for (i, &addr) in addrs.iter().enumerate() {
+                let p = Point { addr, ret: i > 0 };
+                index.entry(p).or_insert_with(|| {
+                    points.push(p);
+                    points.len() - 1
+                });
+            }
+        }
+        let frames = self.symbolize_points(&points, modules);
+        stacks
+            .iter()
+            .map(|addrs| {
+                addrs
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, &addr)| {
+                        frames[index[&Point { addr, ret: i > 0 }]].iter().cloned()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The frames of each point, in the order given.
+    fn symbolize_points(&mut self, points: &[Point], modules: &[Module]) -> Vec<Vec<Frame>> {
+        let addrs: Vec<u64> = points.iter().map(|p| p.addr).collect();
         // A return address may be the first byte past its module (call as
         // the last instruction), so the module is chosen by the lookup address.
-        let lookup = |i: usize| addrs[i].saturating_sub(u64::from(i > 0));
+        let lookup = |i: usize| addrs[i].saturating_sub(u64::from(points[i].ret));
         let mut per_addr: Vec<Vec<Frame>> = vec![Vec::new(); addrs.len()];
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
         for i in 0..addrs.len() {
@@ -131,8 +178,16 @@ impl Symbolizer {
                 };
             }
         }
-        per_addr.into_iter().flatten().collect()
+        per_addr
     }
+}
+
+/// An address to symbolize: an exact instruction pointer, or a return
+/// address (looked up at `addr - 1`, printed as given).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Point {
+    addr: u64,
+    ret: bool,
 }
 
 /// `elf_sym` replaces the outer function's name and offset when `sym` could
