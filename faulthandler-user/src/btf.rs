@@ -55,7 +55,9 @@ struct Type {
     kind: u8,
     name_off: u32,
     size_or_type: u32,
-    members: Vec<Member>,
+    /// This type's members within `Btf::members`: one shared vector
+    /// instead of tens of thousands of small ones keeps parsing fast.
+    members: std::ops::Range<u32>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -72,6 +74,7 @@ pub struct Btf {
     strings: Vec<u8>,
     /// Indexed by type id; id 0 is `void` and never looked at.
     types: Vec<Type>,
+    members: Vec<Member>,
     composites: HashMap<String, u32>,
 }
 
@@ -113,6 +116,7 @@ impl Btf {
         let mut btf = Btf {
             strings: section(data, str_off, str_len, "string section")?.to_vec(),
             types: vec![Type::default()],
+            members: Vec::new(),
             composites: HashMap::new(),
         };
         let types = section(data, type_off, type_len, "type section")?;
@@ -130,7 +134,7 @@ impl Btf {
         Ok(btf)
     }
 
-    fn parse_type(&self, data: &[u8], pos: &mut usize) -> Result<Type, BtfError> {
+    fn parse_type(&mut self, data: &[u8], pos: &mut usize) -> Result<Type, BtfError> {
         let w = |i| word(data, *pos + i);
         let (name_off, info, size_or_type) = (w(0)?, w(4)?, w(8)?);
         let (vlen, kind) = ((info & 0xffff) as usize, ((info >> 24) & 0x1f) as u8);
@@ -148,7 +152,7 @@ impl Btf {
         };
         let trailer = section(data, *pos + 12, fixed + vlen * each, "type record")?;
         *pos += 12 + trailer.len();
-        let mut members = Vec::new();
+        let first = self.members.len() as u32;
         if matches!(kind, KIND_STRUCT | KIND_UNION) {
             for rec in trailer.chunks_exact(12) {
                 let w = |i| word(rec, i);
@@ -161,7 +165,7 @@ impl Btf {
                     1 => (offset & 0x00ff_ffff, offset >> 24),
                     _ => (offset, 0),
                 };
-                members.push(Member {
+                self.members.push(Member {
                     name_off,
                     type_id,
                     bit_offset,
@@ -173,7 +177,7 @@ impl Btf {
             kind,
             name_off,
             size_or_type,
-            members,
+            members: first..self.members.len() as u32,
         })
     }
 
@@ -217,7 +221,8 @@ impl Btf {
         if depth > MAX_DEPTH {
             return Err(malformed("anonymous members nest too deeply"));
         }
-        for m in &self.ty(id)?.members {
+        let range = self.ty(id)?.members.clone();
+        for m in &self.members[range.start as usize..range.end as usize] {
             if m.name_off != 0 {
                 if self.str_at(m.name_off)? == name {
                     return Ok(Some(*m));
