@@ -208,12 +208,7 @@ fn on_signal_reports_and_the_process_lives_on() {
     assert!(still_running(&mut child));
     unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
     assert_eq!(tracer.wait().unwrap().code(), Some(0));
-    let text = std::fs::read_to_string(out).unwrap();
-    let reports: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    reports.iter().for_each(validate);
+    let reports = read_reports(&out);
     assert_eq!(reports.len(), 1, "{reports:#?}");
     let r = &reports[0];
     assert_eq!(r["kind"], "signal");

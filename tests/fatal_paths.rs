@@ -177,12 +177,7 @@ fn watch_and_signal(target: &mut std::process::Child, extra: &[&str], sig: i32) 
         Some(0),
         "rfh-trace ends when its only process has gone"
     );
-    let text = std::fs::read_to_string(out).unwrap_or_default();
-    let reports: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    reports.iter().for_each(validate);
+    let reports = read_reports(&out);
     reports
 }
 

@@ -106,16 +106,7 @@ pub fn trace(extra: &[&str], command: &[&str]) -> Run {
         .args(command)
         .output()
         .expect("run rfh-trace");
-    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let reports: Vec<Value> = text
-        .lines()
-        .map(|l| {
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("report is not JSON ({e}): {l}"))
-        })
-        .collect();
-    for r in &reports {
-        validate(r);
-    }
+    let reports = read_reports(&out_path);
     Run {
         status,
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
@@ -283,4 +274,18 @@ pub fn thread_named<'a>(r: &'a Value, name: &str) -> &'a Value {
                 r["threads"].as_array().map_or(0, |a| a.len())
             )
         })
+}
+
+/// The JSON reports in a `--format json --output` file, each validated
+/// against the schema; none when the file was never written.
+pub fn read_reports(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let reports: Vec<Value> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("report is not JSON ({e}): {l}"))
+        })
+        .collect();
+    reports.iter().for_each(validate);
+    reports
 }
