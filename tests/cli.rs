@@ -44,6 +44,11 @@ fn unknown_signal_name() {
 }
 
 #[test]
+fn bad_duration() {
+    assert_usage_error(&["--timeout", "5x", "--", "true"], "invalid duration");
+}
+
+#[test]
 fn unwritable_output() {
     assert_usage_error(
         &["--output", "/nonexistent-dir/x.log", "--pid", "1"],

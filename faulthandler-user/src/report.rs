@@ -105,9 +105,14 @@ impl Report {
         };
         let mut out = String::new();
         let p = &self.process;
-        match (&self.signal, self.kind) {
-            (Some(sig), "crash") => {
-                let _ = write!(out, "{bold}Fatal signal {}", sig.name);
+        match &self.signal {
+            Some(sig) => {
+                let what = if self.kind == "crash" {
+                    "Fatal signal"
+                } else {
+                    "Stack dump on signal"
+                };
+                let _ = write!(out, "{bold}{what} {}", sig.name);
                 if let Some(d) = sig.description {
                     let _ = write!(out, " ({d})");
                 }
@@ -128,7 +133,7 @@ impl Report {
                 if let Some(s) = sig.sender_pid {
                     let _ = write!(out, ", sent by pid {s}");
                 }
-                if sig.handled {
+                if sig.handled && self.kind == "crash" {
                     out.push_str(", after the process's own handler ran");
                 }
                 out.push('\n');
@@ -139,8 +144,13 @@ impl Report {
                     out.push_str("Killed by the kernel's OOM killer\n");
                 }
             }
-            _ => {
-                let _ = writeln!(out, "{bold}Stack dump ({}){reset}", self.kind);
+            None => {
+                let why = if self.kind == "timeout" {
+                    "timeout"
+                } else {
+                    "on demand"
+                };
+                let _ = writeln!(out, "{bold}Stack dump ({why}){reset}");
             }
         }
         let _ = write!(out, "Process {} \"{}\"", p.pid, p.comm);
