@@ -57,9 +57,7 @@ unsafe fn dump_one(task: *mut task_struct) -> Option<()> {
     }
     let tid = unsafe { read_at::<u32>(t, o.task_pid) }?;
     let state = unsafe { read_at::<u32>(t, o.task_state) }.unwrap_or(0);
-    let Some(mut entry) = crate::reserve::<SignalRecord>() else {
-        return None;
-    };
+    let mut entry = crate::reserve::<SignalRecord>()?;
     let rec = entry.as_mut_ptr();
     unsafe {
         let ev = core::ptr::addr_of_mut!((*rec).event);
@@ -98,9 +96,7 @@ fn try_sample(ctx: &PerfEventContext) -> Option<()> {
     if tgid == 0 || (tgid != target && !watched(cfg, tgid)) {
         return None;
     }
-    let Some(mut entry) = crate::reserve::<SignalRecord>() else {
-        return None;
-    };
+    let mut entry = crate::reserve::<SignalRecord>()?;
     let rec = entry.as_mut_ptr();
     unsafe {
         let ev = core::ptr::addr_of_mut!((*rec).event);

@@ -163,9 +163,7 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
         let _ = DYING.insert(&tgid, &first, BPF_NOEXIST as u64);
     }
 
-    let Some(mut entry) = crate::reserve::<SignalRecord>() else {
-        return None;
-    };
+    let mut entry = crate::reserve::<SignalRecord>()?;
     let rec = entry.as_mut_ptr();
     unsafe {
         let ev = addr_of_mut!((*rec).event);

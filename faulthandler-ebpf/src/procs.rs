@@ -84,9 +84,7 @@ fn try_exec(ctx: &RawTracePointContext) -> Option<()> {
     if !watched(cfg, tgid) {
         return None;
     }
-    let Some(mut entry) = crate::reserve::<ExecEvent>() else {
-        return None;
-    };
+    let mut entry = crate::reserve::<ExecEvent>()?;
     let ev = entry.as_mut_ptr();
     unsafe {
         (*ev).header = EventHeader {
@@ -244,11 +242,7 @@ fn try_generate(ctx: &RawTracePointContext) -> Option<()> {
         1 => 0x80,
         _ => unsafe { read_at::<i32>(info, 8) }.unwrap_or(0),
     };
-    let first = Dying {
-        threads: 0,
-        omitted: 0,
-    };
-    let _ = DYING.insert(&tgid, &first, BPF_NOEXIST as u64);
+    mark_dying(tgid);
     let (sender, _) = current();
     let target_tid = unsafe { read_at::<u32>(task, o.task_pid) }.unwrap_or(0);
     emit_proc(
@@ -260,6 +254,20 @@ fn try_generate(ctx: &RawTracePointContext) -> Option<()> {
         code as i64 as u64,
     );
     Some(())
+}
+
+/// Marks `tgid` as dying of something reported, so its threads are
+/// captured as they take the group-exit SIGKILL. An existing mark (a
+/// fault already being reported) is kept.
+fn mark_dying(tgid: u32) {
+    let _ = DYING.insert(
+        &tgid,
+        &Dying {
+            threads: 0,
+            omitted: 0,
+        },
+        BPF_NOEXIST as u64,
+    );
 }
 
 /// `mark_victim(task, uid)`: the OOM killer has sent SIGKILL to a
@@ -277,11 +285,7 @@ fn try_oom(ctx: &RawTracePointContext) -> Option<()> {
     if !watched(cfg, tgid) {
         return None;
     }
-    let first = Dying {
-        threads: 0,
-        omitted: 0,
-    };
-    let _ = DYING.insert(&tgid, &first, BPF_NOEXIST as u64);
+    mark_dying(tgid);
     let tid = unsafe { read_at::<u32>(task, cfg.offsets.task_pid) }.unwrap_or(0);
     emit_proc(EVENT_OOM, tgid, tid, 9, 0, 0);
     Some(())
