@@ -196,8 +196,10 @@ pub struct VmaEvent {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Dying {
-    pub threads: u32,
-    pub omitted: u32,
+    /// 64-bit so the kernel side can count with the plain atomic add
+    /// every BPF CPU version has: threads die on several CPUs at once.
+    pub threads: u64,
+    pub omitted: u64,
 }
 
 /// `Config::flags` bits.
@@ -281,7 +283,7 @@ assert_size!(
 );
 assert_size!(ProcEvent, 40);
 assert_size!(KernelOffsets, 24 * 4);
-assert_size!(Dying, 8);
+assert_size!(Dying, 16);
 assert_size!(VmaEvent, 24 + VMA_MAX * (40 + VMA_NAME_LEN));
 assert_size!(ExecEvent, 24 + EXEC_PATH_LEN);
 assert_size!(Config, 24 + 24 * 4);

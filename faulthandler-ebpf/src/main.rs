@@ -3,12 +3,14 @@
 //! processes being watched.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod dump;
 mod procs;
 mod vma;
 
-use core::{ffi::c_void, mem::size_of, ptr::addr_of_mut};
+use core::{ffi::c_void, intrinsics::AtomicOrdering, mem::size_of, ptr::addr_of_mut};
 
 use aya_ebpf::{
     EbpfContext,
@@ -144,11 +146,20 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     if group_exit {
         let d = DYING.get_ptr_mut(&tgid)?;
         unsafe {
-            if (*d).threads >= cfg.max_threads {
-                (*d).omitted += 1;
+            // The cap is checked before the add, so a burst of threads on
+            // several CPUs may pass it by a few; the counts stay exact.
+            let full = (*d).threads >= cfg.max_threads as u64;
+            let counter = if full {
+                &raw mut (*d).omitted
+            } else {
+                &raw mut (*d).threads
+            };
+            // The bpf target's core has no atomic read-modify-write types;
+            // the intrinsic lowers to BPF's atomic add.
+            core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1);
+            if full {
                 return None;
             }
-            (*d).threads += 1;
         }
     } else if cfg.signal_mask & (1u64 << sig) == 0 || !watched(cfg, tgid) {
         return None;
@@ -323,7 +334,9 @@ unsafe fn copy_stack(
             addr as *const c_void,
         );
         if r != 0 {
-            unsafe { (*ev).stack_err = r as i32 };
+            if unsafe { (*ev).stack_err } == 0 {
+                unsafe { (*ev).stack_err = r as i32 };
+            }
             if copied {
                 break;
             }

@@ -118,7 +118,7 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
             return 0;
         }
         if watched(cfg, tgid) {
-            let omitted = unsafe { DYING.get(&tgid) }.map_or(0, |d| d.omitted);
+            let omitted = unsafe { DYING.get(&tgid) }.map_or(0, |d| d.omitted as u32);
             let _ = DYING.remove(&tgid);
             let _ = WATCHED.remove(&tgid);
             emit_proc(EVENT_EXIT, tgid, tid, omitted, 0, 0);
@@ -172,19 +172,22 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
 }
 
 fn try_sys_exit(ctx: &RawTracePointContext) -> Option<()> {
+    // Every syscall on the system passes here: the cheapest tests first.
+    let ret: i64 = ctx.arg(1);
+    if ret < 0 {
+        return None;
+    }
+    let regs: *const u8 = ctx.arg(0);
+    if unsafe { read_at::<u64>(regs, PT_REGS_ORIG_AX) }? != SYS_MMAP {
+        return None;
+    }
     let cfg = config()?;
     let (tgid, tid) = current();
     if !watched(cfg, tgid) {
         return None;
     }
-    let regs: *const u8 = ctx.arg(0);
-    let nr = unsafe { read_at::<u64>(regs, PT_REGS_ORIG_AX) }?;
-    if nr != SYS_MMAP {
-        return None;
-    }
-    let ret: i64 = ctx.arg(1);
     let prot = unsafe { read_at::<u64>(regs, PT_REGS_DX) }?;
-    if ret < 0 || prot & PROT_EXEC == 0 {
+    if prot & PROT_EXEC == 0 {
         return None;
     }
     emit_proc(EVENT_MMAP, tgid, tid, 0, 0, ret as u64);
@@ -260,14 +263,7 @@ fn try_generate(ctx: &RawTracePointContext) -> Option<()> {
 /// captured as they take the group-exit SIGKILL. An existing mark (a
 /// fault already being reported) is kept.
 fn mark_dying(tgid: u32) {
-    let _ = DYING.insert(
-        &tgid,
-        &Dying {
-            threads: 0,
-            omitted: 0,
-        },
-        BPF_NOEXIST as u64,
-    );
+    let _ = DYING.insert(&tgid, &Dying::default(), BPF_NOEXIST as u64);
 }
 
 /// `mark_victim(task, uid)`: the OOM killer has sent SIGKILL to a

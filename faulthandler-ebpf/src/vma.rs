@@ -33,10 +33,16 @@ use crate::{CONFIG, read_at};
 #[repr(C)]
 pub struct ScanState {
     sp: u64,
-    words: u64,
     n: u64,
+    nskip: u64,
     vmas: [Vma; VMA_MAX],
+    /// Mappings seen that hold no code (stack, heap, anonymous): kept
+    /// apart so they neither use up `vmas` nor get looked up again.
+    skip: [[u64; 2]; SKIP_MAX],
 }
+
+const SKIP_MAX: usize = 16;
+const VM_EXEC: u64 = 4;
 
 /// Scratch space: the scan state is far too large for the 512-byte stack.
 #[map]
@@ -59,8 +65,8 @@ pub unsafe fn capture(
     };
     unsafe {
         (*st).sp = sp;
-        (*st).words = words as u64;
         (*st).n = 0;
+        (*st).nskip = 0;
         lookup(task, ip);
         if words > 0 {
             bpf_loop(
@@ -103,6 +109,16 @@ unsafe fn lookup(task: *mut aya_ebpf::bindings::task_struct, addr: u64) -> i64 {
             return 0;
         }
     }
+    let nskip = unsafe { (*st).nskip };
+    for j in 0..SKIP_MAX {
+        if j as u64 >= nskip {
+            break;
+        }
+        let r = unsafe { (*st).skip[j] };
+        if addr >= r[0] && addr < r[1] {
+            return 0;
+        }
+    }
     if n >= VMA_MAX as u64 {
         return 1;
     }
@@ -140,19 +156,31 @@ extern "C" fn record_vma(_task: *mut c_void, vma: *mut c_void, _ctx: *mut c_void
     let o = &cfg.offsets;
     let vma = vma as *const u8;
     unsafe {
+        let start = read_at::<u64>(vma, o.vma_vm_start).unwrap_or(0);
+        let end = read_at::<u64>(vma, o.vma_vm_end).unwrap_or(0);
+        let flags = read_at::<u64>(vma, o.vma_vm_flags).unwrap_or(0);
+        let file = read_at::<*const u8>(vma, o.vma_vm_file).filter(|f| !f.is_null());
+        if file.is_none() || flags & VM_EXEC == 0 {
+            let k = (*st).nskip as usize;
+            if k < SKIP_MAX {
+                (*st).skip[k] = [start, end];
+                (*st).nskip = k as u64 + 1;
+            }
+            return 0;
+        }
         let n = (*st).n as usize;
         if n >= VMA_MAX {
             return 0;
         }
         let v = &mut (*st).vmas[n];
-        v.start = read_at::<u64>(vma, o.vma_vm_start).unwrap_or(0);
-        v.end = read_at::<u64>(vma, o.vma_vm_end).unwrap_or(0);
+        v.start = start;
+        v.end = end;
         v.file_offset = read_at::<u64>(vma, o.vma_vm_pgoff).unwrap_or(0) << 12;
-        v.vm_flags = read_at::<u64>(vma, o.vma_vm_flags).unwrap_or(0) as u32;
+        v.vm_flags = flags as u32;
         v.ino = 0;
         v.dev = 0;
         v.name[0] = 0;
-        if let Some(file) = read_at::<*const u8>(vma, o.vma_vm_file) {
+        if let Some(file) = file {
             if let Some(inode) = read_at::<*const u8>(file, o.file_f_inode) {
                 v.ino = read_at::<u64>(inode, o.inode_i_ino).unwrap_or(0);
                 if let Some(sb) = read_at::<*const u8>(inode, o.inode_i_sb) {

@@ -1,7 +1,10 @@
 //! `-- COMMAND`: the child process, started under watch and, under
 //! sudo, as the invoking user.
 
-use std::ffi::CString;
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
 
 use crate::{run::RunError, watch::Watcher};
 
@@ -37,23 +40,34 @@ pub fn spawn(w: &mut Watcher, command: &[String]) -> Result<libc::pid_t, RunErro
         .unwrap_or_default();
     let not_found =
         CString::new(format!("rfh-trace: {}: command not found\n", command[0])).unwrap_or_default();
+    let cannot_run =
+        CString::new(format!("rfh-trace: {}: cannot run it\n", command[0])).unwrap_or_default();
 
     let mut go = [0i32; 2];
     if unsafe { libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(spawn_err(std::io::Error::last_os_error()));
     }
+    // The ends close themselves on every path out of here.
+    let (go_read, go_write) = unsafe { (OwnedFd::from_raw_fd(go[0]), OwnedFd::from_raw_fd(go[1])) };
+    // rfh-trace is single-threaded here (the loader threads have been
+    // joined), which is what makes execvp after fork safe.
     let child = unsafe { libc::fork() };
     if child < 0 {
         return Err(spawn_err(std::io::Error::last_os_error()));
     }
     if child == 0 {
-        // Only async-signal-safe calls from here to exec.
         unsafe {
-            libc::close(go[1]);
+            libc::close(go_write.as_raw_fd());
             let mut b = 0u8;
             // Wait until the parent has put us in the watch map, so a
-            // crash in the first instruction is still caught.
-            libc::read(go[0], (&mut b as *mut u8).cast(), 1);
+            // crash in the first instruction is still caught; without the
+            // go byte (the parent failed or died), don't run unwatched.
+            if libc::read(go_read.as_raw_fd(), (&mut b as *mut u8).cast(), 1) != 1 {
+                libc::_exit(126);
+            }
+            // Rust ignores SIGPIPE, and an ignored signal stays ignored
+            // across exec: give the command the defaults it expects.
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::signal(libc::SIGINT, libc::SIG_DFL);
             libc::signal(libc::SIGTERM, libc::SIG_DFL);
             if let Some((uid, gid)) = ids {
@@ -65,22 +79,23 @@ pub fn spawn(w: &mut Watcher, command: &[String]) -> Result<libc::pid_t, RunErro
                 }
             }
             libc::execvp(argv[0], argv.as_ptr());
-            let code = if *libc::__errno_location() == libc::ENOENT {
-                127
+            let (code, msg) = if *libc::__errno_location() == libc::ENOENT {
+                (127, &not_found)
             } else {
-                126
+                (126, &cannot_run)
             };
-            libc::write(2, not_found.as_ptr().cast(), not_found.as_bytes().len());
+            libc::write(2, msg.as_ptr().cast(), msg.as_bytes().len());
             libc::_exit(code);
         }
     }
-    unsafe { libc::close(go[0]) };
-    let watched = w.capture.watch(child as u32);
-    unsafe {
-        libc::write(go[1], [1u8].as_ptr().cast(), 1);
-        libc::close(go[1]);
+    drop(go_read);
+    if let Err(e) = w.capture.watch(child as u32) {
+        // Closing the pipe unwritten makes the child exit without exec.
+        drop(go_write);
+        unsafe { libc::waitpid(child, std::ptr::null_mut(), 0) };
+        return Err(e.into());
     }
-    watched?;
+    unsafe { libc::write(go_write.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
     Ok(child)
 }
 

@@ -270,6 +270,9 @@ impl Watcher {
             }
             Event::Exit(p) => {
                 self.finish(p.pid, p.arg);
+                if let Some(profiles) = self.profiles.as_mut() {
+                    profiles.remove(&p.pid);
+                }
                 self.pending.remove(&p.pid);
                 self.tracker.forget(p.pid);
                 self.exited.push(p.pid);
