@@ -14,7 +14,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::task_struct,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task_btf,
+        bpf_get_current_task_btf,
         generated::{bpf_copy_from_user_task, bpf_probe_read_user, bpf_task_pt_regs},
     },
     macros::{map, perf_event},
@@ -23,7 +23,9 @@ use aya_ebpf::{
 };
 use faulthandler_common::*;
 
-use crate::{config, copy_user_stack, fill_task, init_record, read_at, read_regs, watched};
+use crate::{
+    config, copy_user_stack, current, fill_task, init_record, read_at, read_regs, watched,
+};
 
 /// Index 0: the tgid whose threads the next iteration dumps, or that the
 /// running-thread sampler may capture.
@@ -90,8 +92,7 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
 
 fn try_sample(ctx: &PerfEventContext) -> Option<()> {
     let cfg = config()?;
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
+    let (tgid, tid) = current();
     let target = DUMP_TARGET.get(0).copied().unwrap_or(0);
     if tgid == 0 || (tgid != target && !watched(cfg, tgid)) {
         return None;
@@ -100,7 +101,7 @@ fn try_sample(ctx: &PerfEventContext) -> Option<()> {
     let rec = entry.as_mut_ptr();
     unsafe {
         let ev = core::ptr::addr_of_mut!((*rec).event);
-        init_record(ev, tgid, pid_tgid as u32, SIG_F_SAMPLE);
+        init_record(ev, tgid, tid, SIG_F_SAMPLE);
         let task = bpf_get_current_task_btf();
         fill_task(ev, task as *const u8, &cfg.offsets);
         // Interrupted in user mode (the low bits of cs are the privilege

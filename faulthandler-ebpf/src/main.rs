@@ -53,6 +53,13 @@ fn config() -> Option<&'static Config> {
     CONFIG.get(0)
 }
 
+/// (tgid, tid) of the current task.
+#[inline(always)]
+fn current() -> (u32, u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    ((pid_tgid >> 32) as u32, pid_tgid as u32)
+}
+
 #[inline(always)]
 fn watched(cfg: &Config, tgid: u32) -> bool {
     cfg.flags & CFG_ALL != 0 || unsafe { WATCHED.get(&tgid) }.is_some()
@@ -132,8 +139,7 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     if sig >= 64 {
         return None;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
+    let (tgid, tid) = current();
     let info: *const u8 = ctx.arg(1);
     let ka: *const u8 = ctx.arg(2);
     // While a process dies, every thread but the one that took the fatal
@@ -178,12 +184,7 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     let rec = entry.as_mut_ptr();
     unsafe {
         let ev = addr_of_mut!((*rec).event);
-        init_record(
-            ev,
-            tgid,
-            pid_tgid as u32,
-            if group_exit { SIG_F_GROUP_EXIT } else { 0 },
-        );
+        init_record(ev, tgid, tid, if group_exit { SIG_F_GROUP_EXIT } else { 0 });
         (*ev).sig = sig as i32;
         (*ev).handler = handler;
         if !info.is_null() {

@@ -7,8 +7,8 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
-        bpf_probe_read_kernel_str_bytes, generated::bpf_task_pt_regs,
+        bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
+        generated::bpf_task_pt_regs,
     },
     macros::raw_tracepoint,
     programs::RawTracePointContext,
@@ -16,7 +16,8 @@ use aya_ebpf::{
 use faulthandler_common::*;
 
 use crate::{
-    CONFIG, DYING, EVENTS, HARMLESS_DEFAULT, SIG_DFL, WATCHED, config, count_lost, read_at, watched,
+    DYING, EVENTS, HARMLESS_DEFAULT, SIG_DFL, WATCHED, config, count_lost, current, read_at,
+    watched,
 };
 
 #[inline(always)]
@@ -36,11 +37,6 @@ fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, sender: u32, addr: u64) {
     if EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
         count_lost();
     }
-}
-
-fn current() -> (u32, u32) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    ((pid_tgid >> 32) as u32, pid_tgid as u32)
 }
 
 /// A watched process forking a new process makes the child watched, in
@@ -219,7 +215,7 @@ pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
 }
 
 fn try_generate(ctx: &RawTracePointContext) -> Option<()> {
-    let cfg = CONFIG.get(0)?;
+    let cfg = config()?;
     let sig = ctx.arg::<u64>(0) as u32;
     if sig == 0 || sig >= 64 || cfg.signal_mask & (1u64 << sig) == 0 {
         return None;

@@ -119,11 +119,7 @@ impl Capture {
             }
         })?;
         for name in TRACEPOINTS.iter().copied().filter(|_| opts.watch) {
-            let prog: &mut RawTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::MissingProgram(name))?
-                .try_into()
-                .map_err(program_error(name))?;
+            let prog: &mut RawTracePoint = program(&mut ebpf, name)?;
             prog.load().map_err(program_error(name))?;
             prog.attach(name).map_err(program_error(name))?;
         }
@@ -131,10 +127,7 @@ impl Capture {
             ebpf.take_map("EVENTS")
                 .ok_or(CaptureError::MissingMap("EVENTS"))?,
         )
-        .map_err(|source| CaptureError::Map {
-            name: "EVENTS",
-            source,
-        })?;
+        .map_err(map_error("EVENTS"))?;
         if let Some(kernel_btf) = kernel_btf {
             let btf = kernel_btf
                 .join()
@@ -155,14 +148,8 @@ impl Capture {
             offsets: offsets()?,
         };
         let mut cfg: Array<_, Config> =
-            Array::try_from(map(&mut ebpf, "CONFIG")?).map_err(|source| CaptureError::Map {
-                name: "CONFIG",
-                source,
-            })?;
-        cfg.set(0, config, 0).map_err(|source| CaptureError::Map {
-            name: "CONFIG",
-            source,
-        })?;
+            Array::try_from(map(&mut ebpf, "CONFIG")?).map_err(map_error("CONFIG"))?;
+        cfg.set(0, config, 0).map_err(map_error("CONFIG"))?;
         Ok(Self {
             ebpf,
             events,
@@ -172,14 +159,8 @@ impl Capture {
 
     fn set_dump_target(&mut self, tgid: u32) -> Result<(), CaptureError> {
         let mut target: Array<_, u32> = Array::try_from(map(&mut self.ebpf, "DUMP_TARGET")?)
-            .map_err(|source| CaptureError::Map {
-                name: "DUMP_TARGET",
-                source,
-            })?;
-        target.set(0, tgid, 0).map_err(|source| CaptureError::Map {
-            name: "DUMP_TARGET",
-            source,
-        })
+            .map_err(map_error("DUMP_TARGET"))?;
+        target.set(0, tgid, 0).map_err(map_error("DUMP_TARGET"))
     }
 
     /// Runs the task iterator over `tgid`'s threads: one dump record per
@@ -264,29 +245,9 @@ impl Capture {
 
     /// Adds a process to the in-kernel watch set.
     pub fn watch(&mut self, tgid: u32) -> Result<(), CaptureError> {
-        let mut watched: HashMap<_, u32, u8> = HashMap::try_from(map(&mut self.ebpf, "WATCHED")?)
-            .map_err(|source| CaptureError::Map {
-            name: "WATCHED",
-            source,
-        })?;
-        watched
-            .insert(tgid, 1, 0)
-            .map_err(|source| CaptureError::Map {
-                name: "WATCHED",
-                source,
-            })
-    }
-
-    pub fn unwatch(&mut self, tgid: u32) {
-        if let Ok(mut watched) = map(&mut self.ebpf, "WATCHED").and_then(|m| {
-            HashMap::<_, u32, u8>::try_from(m).map_err(|source| CaptureError::Map {
-                name: "WATCHED",
-                source,
-            })
-        }) {
-            // Already gone is fine: the process may never have been added.
-            let _ = watched.remove(&tgid);
-        }
+        let mut watched: HashMap<_, u32, u8> =
+            HashMap::try_from(map(&mut self.ebpf, "WATCHED")?).map_err(map_error("WATCHED"))?;
+        watched.insert(tgid, 1, 0).map_err(map_error("WATCHED"))
     }
 
     /// Waits up to `timeout` for records, then hands each one to `f`.
@@ -342,6 +303,10 @@ where
         .ok_or(CaptureError::MissingProgram(name))?
         .try_into()
         .map_err(program_error(name))
+}
+
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError {
+    move |source| CaptureError::Map { name, source }
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, CaptureError> {

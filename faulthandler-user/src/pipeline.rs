@@ -15,7 +15,7 @@ use crate::{
 pub struct Pipeline {
     unwinder: Unwinder,
     symbolizer: Symbolizer,
-    pub max_frames: usize,
+    max_frames: usize,
 }
 
 impl Pipeline {

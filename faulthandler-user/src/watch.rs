@@ -94,7 +94,6 @@ pub struct Watcher {
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, to date kernel timestamps.
     wall_offset_ns: i128,
     host: String,
-    pub reports: usize,
     /// Processes that exited since the last call to `take_exited`.
     exited: Vec<u32>,
     /// Signals that ask for a dump (`--on-signal`), as a bit mask.
@@ -157,7 +156,6 @@ impl Watcher {
             lost: 0,
             wall_offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
             host,
-            reports: 0,
             exited: Vec::new(),
             on_signal: 0,
             profiles: None,
@@ -345,7 +343,6 @@ impl Watcher {
         if let Err(e) = self.sink.write_report(&text) {
             eprintln!("rfh-trace: cannot write report: {e}");
         }
-        self.reports += 1;
     }
 
     fn crash_report(&mut self, pid: u32, d: Dying, omitted: u32) -> Option<Report> {
