@@ -170,6 +170,7 @@ impl Watcher {
         for r in records {
             self.handle(&r);
         }
+        self.tracker.refresh_stale();
         let stale: Vec<u32> = self
             .dying
             .iter()
@@ -248,12 +249,8 @@ impl Watcher {
                 let n = (v.nvmas as usize).min(v.vmas.len());
                 self.tracker.add_vmas(v.pid, &v.vmas[..n]);
             }
-            Event::Mmap(p) => {
-                let _ = self.tracker.refresh(p.pid);
-            }
-            Event::Fork(p) => {
-                let _ = self.tracker.refresh(p.arg);
-            }
+            Event::Mmap(p) => self.tracker.mark_stale(p.pid),
+            Event::Fork(p) => self.tracker.fork(p.pid, p.arg),
             Event::Killed(p) | Event::Oom(p) => {
                 let oom = matches!(event, Event::Oom(_));
                 let d = self.dying.entry(p.pid).or_insert_with(Dying::new);
@@ -407,6 +404,8 @@ impl Watcher {
         signal: Option<Signal>,
         ktime: u64,
     ) -> Report {
+        // Mappings that changed in the batch being handled.
+        self.tracker.refresh_stale();
         let info = self.tracker.get(pid).cloned().unwrap_or_default();
         let caps: Vec<(&SignalCapture, bool)> = current
             .map(|c| (c, true))

@@ -46,6 +46,8 @@ pub struct Tracker {
     exec_paths: HashMap<u32, PathBuf>,
     /// Mappings the kernel resolved while a process's threads exited.
     exit_vmas: HashMap<u32, Vec<Vma>>,
+    /// Processes whose mappings changed since they were last read.
+    stale: Vec<u32>,
     /// Keyed by (kernel dev, inode): one handle per file across processes.
     /// Files outlive the processes that mapped them (the next process of
     /// the same binary reuses them) until `evict` closes them.
@@ -71,6 +73,7 @@ impl Tracker {
             procs: HashMap::new(),
             exec_paths: HashMap::new(),
             exit_vmas: HashMap::new(),
+            stale: Vec::new(),
             files: HashMap::new(),
             file_limit,
             evict_above: file_limit,
@@ -127,7 +130,35 @@ impl Tracker {
         // copied at fork); if the new one dies before /proc can be read,
         // stale mappings and exe would be worse than none.
         self.procs.remove(&pid);
-        let _ = self.refresh(pid);
+        self.mark_stale(pid);
+    }
+
+    /// A forked child has its parent's mappings until it execs.
+    pub fn fork(&mut self, parent: u32, child: u32) {
+        match self.procs.get(&parent).cloned() {
+            Some(mut info) => {
+                info.pid = child;
+                self.procs.insert(child, info);
+            }
+            None => self.mark_stale(child),
+        }
+    }
+
+    /// `pid`'s mappings changed (an executable mmap). The re-read waits
+    /// for `refresh_stale`, so ld.so mapping a dozen libraries costs one
+    /// read of /proc, not a dozen.
+    pub fn mark_stale(&mut self, pid: u32) {
+        if !self.stale.contains(&pid) {
+            self.stale.push(pid);
+        }
+    }
+
+    /// Re-reads every process marked stale; one that has gone keeps what
+    /// was known.
+    pub fn refresh_stale(&mut self) {
+        for pid in std::mem::take(&mut self.stale) {
+            let _ = self.refresh(pid);
+        }
     }
 
     /// Re-reads everything about `pid` from /proc. Fails when the process
