@@ -34,15 +34,13 @@ use crate::{CONFIG, read_at};
 pub struct ScanState {
     sp: u64,
     n: u64,
-    nskip: u64,
     vmas: [Vma; VMA_MAX],
-    /// Mappings seen that hold no code (stack, heap, anonymous): kept
-    /// apart so they neither use up `vmas` nor get looked up again.
-    skip: [[u64; 2]; SKIP_MAX],
 }
 
-const SKIP_MAX: usize = 16;
 const VM_EXEC: u64 = 4;
+/// Words this far above SP point into the thread's own stack: no code
+/// there, and not worth a lookup.
+const STACK_SPAN: u64 = 8 << 20;
 
 /// Scratch space: the scan state is far too large for the 512-byte stack.
 #[map]
@@ -66,7 +64,6 @@ pub unsafe fn capture(
     unsafe {
         (*st).sp = sp;
         (*st).n = 0;
-        (*st).nskip = 0;
         lookup(task, ip);
         if words > 0 {
             bpf_loop(
@@ -109,15 +106,9 @@ unsafe fn lookup(task: *mut aya_ebpf::bindings::task_struct, addr: u64) -> i64 {
             return 0;
         }
     }
-    let nskip = unsafe { (*st).nskip };
-    for j in 0..SKIP_MAX {
-        if j as u64 >= nskip {
-            break;
-        }
-        let r = unsafe { (*st).skip[j] };
-        if addr >= r[0] && addr < r[1] {
-            return 0;
-        }
+    let sp = unsafe { (*st).sp };
+    if addr >= sp && addr - sp < STACK_SPAN {
+        return 0;
     }
     if n >= VMA_MAX as u64 {
         return 1;
@@ -160,12 +151,9 @@ extern "C" fn record_vma(_task: *mut c_void, vma: *mut c_void, _ctx: *mut c_void
         let end = read_at::<u64>(vma, o.vma_vm_end).unwrap_or(0);
         let flags = read_at::<u64>(vma, o.vma_vm_flags).unwrap_or(0);
         let file = read_at::<*const u8>(vma, o.vma_vm_file).filter(|f| !f.is_null());
+        // Only code is worth a slot: the heap and anonymous mappings
+        // would use up the table before the libraries are found.
         if file.is_none() || flags & VM_EXEC == 0 {
-            let k = (*st).nskip as usize;
-            if k < SKIP_MAX {
-                (*st).skip[k] = [start, end];
-                (*st).nskip = k as u64 + 1;
-            }
             return 0;
         }
         let n = (*st).n as usize;

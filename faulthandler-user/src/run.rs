@@ -254,7 +254,14 @@ fn watch_loop(w: &mut Watcher, mut mode: Mode, mut timer: Option<Timer>) -> Resu
         match &mut mode {
             Mode::Command(child) => {
                 let mut status = 0;
-                if unsafe { libc::waitpid(*child, &mut status, libc::WNOHANG) } == *child {
+                // Its exit event comes just before it turns zombie: wait for
+                // that moment rather than for the next poll timeout.
+                let flags = if exited.contains(&(*child as u32)) {
+                    0
+                } else {
+                    libc::WNOHANG
+                };
+                if unsafe { libc::waitpid(*child, &mut status, flags) } == *child {
                     break Some(status);
                 }
                 // Ctrl-C reaches the command too (same process group);
