@@ -135,7 +135,42 @@ fn test(extra: Vec<String>) -> Result<()> {
         .args(["--release", "--workspace", "--exclude", "faulthandler-ebpf"])
         .args(extra);
     eprintln!("xtask: {}", display(&test));
-    run(&mut test)
+    // cargo's last "test result" line is a crate's empty doc-test run;
+    // close with the totals so a reader of the last line sees them.
+    let mut child = test.stdout(std::process::Stdio::piped()).spawn()?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| {
+                    rest.split(';')
+                        .find_map(|part| {
+                            part.trim()
+                                .strip_suffix(word)?
+                                .trim()
+                                .rsplit(' ')
+                                .next()?
+                                .parse::<u64>()
+                                .ok()
+                        })
+                        .unwrap_or(0)
+                };
+                passed += count("passed");
+                failed += count("failed");
+                ignored += count("ignored");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("total: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        eprintln!("xtask: `{}` failed ({status})", display(&test));
+        return Err(ExitWith(exit_code(status)).into());
+    }
+    Ok(())
 }
 
 /// The benchmarks `bench` runs, in this order, one `cargo bench` each.
