@@ -52,6 +52,22 @@ pub const EVENT_OOM: u32 = 7;
 /// The mappings a dying thread's stack points into, resolved as it exits.
 pub const EVENT_VMAS: u32 = 8;
 
+/// `sa_handler` values with a meaning of their own.
+pub const SIG_DFL: u64 = 0;
+pub const SIG_IGN: u64 = 1;
+
+/// Signals whose default action does not end the process: stop,
+/// continue, or ignore (CHLD, CONT, STOP, TSTP, TTIN, TTOU, URG, WINCH).
+/// The kernel side and userspace must agree on what is fatal, so both
+/// read it from here.
+pub const HARMLESS_DEFAULT: u64 =
+    (1 << 17) | (1 << 18) | (1 << 19) | (1 << 20) | (1 << 21) | (1 << 22) | (1 << 23) | (1 << 28);
+
+/// True when `sig`'s default action leaves the process alive.
+pub const fn default_is_harmless(sig: u32) -> bool {
+    sig < 64 && HARMLESS_DEFAULT & (1u64 << sig) != 0
+}
+
 /// `SignalEvent::flags` bits.
 pub const SIG_F_HAS_INFO: u32 = 1 << 0;
 pub const SIG_F_HAS_REGS: u32 = 1 << 1;

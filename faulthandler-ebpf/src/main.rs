@@ -119,12 +119,7 @@ unsafe fn ns_nr(o: &KernelOffsets, task: *const u8) -> u32 {
     }
 }
 
-/// Signals whose default action does not end the process: stop,
-/// continue, or ignore (CHLD, CONT, STOP, TSTP, TTIN, TTOU, URG, WINCH).
-const HARMLESS_DEFAULT: u64 =
-    (1 << 17) | (1 << 18) | (1 << 19) | (1 << 20) | (1 << 21) | (1 << 22) | (1 << 23) | (1 << 28);
 const SIGKILL: u32 = 9;
-const SIG_DFL: u64 = 0;
 
 #[raw_tracepoint(tracepoint = "signal_deliver")]
 pub fn signal_deliver(ctx: RawTracePointContext) -> i32 {
@@ -171,7 +166,7 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
         return None;
     }
     let handler = unsafe { read_at::<u64>(ka, 0) }.unwrap_or(0);
-    if !group_exit && handler == SIG_DFL && HARMLESS_DEFAULT & (1u64 << sig) == 0 {
+    if !group_exit && handler == SIG_DFL && !default_is_harmless(sig) {
         // The process dies of this: capture its other threads as they go.
         let first = Dying {
             threads: 1,

@@ -15,10 +15,7 @@ use aya_ebpf::{
 };
 use faulthandler_common::*;
 
-use crate::{
-    DYING, EVENTS, HARMLESS_DEFAULT, SIG_DFL, WATCHED, config, count_lost, current, read_at,
-    watched,
-};
+use crate::{DYING, EVENTS, WATCHED, config, count_lost, current, read_at, watched};
 
 #[inline(always)]
 fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, sender: u32, addr: u64) {

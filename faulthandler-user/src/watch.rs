@@ -6,7 +6,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use faulthandler_common::{REG_SP, SIG_F_DUMP, SIG_F_GROUP_EXIT, SIG_F_SAMPLE, SignalEvent};
+use faulthandler_common::{
+    REG_SP, SIG_DFL, SIG_F_DUMP, SIG_F_GROUP_EXIT, SIG_F_SAMPLE, SIG_IGN, SignalEvent,
+    default_is_harmless,
+};
 
 use crate::{
     capture::{Capture, CaptureError},
@@ -26,8 +29,6 @@ pub fn stop_requested() -> bool {
     STOP.load(Ordering::Relaxed)
 }
 
-const SIG_DFL: u64 = 0;
-const SIG_IGN: u64 = 1;
 const SIGKILL: i32 = 9;
 const SI_KERNEL: i32 = 0x80;
 
@@ -110,21 +111,6 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     };
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
-}
-
-/// Signals whose default action does not kill the process.
-fn default_is_harmless(sig: i32) -> bool {
-    matches!(
-        sig,
-        libc::SIGCHLD
-            | libc::SIGCONT
-            | libc::SIGSTOP
-            | libc::SIGTSTP
-            | libc::SIGTTIN
-            | libc::SIGTTOU
-            | libc::SIGURG
-            | libc::SIGWINCH
-    )
 }
 
 /// A fault address just below the stack pointer (a push or call into
@@ -297,7 +283,7 @@ impl Watcher {
             }
             return;
         }
-        if ev.handler == SIG_IGN || (ev.handler == SIG_DFL && default_is_harmless(ev.sig)) {
+        if ev.handler == SIG_IGN || (ev.handler == SIG_DFL && default_is_harmless(ev.sig as u32)) {
             return;
         }
         if ev.handler != SIG_DFL {
