@@ -344,16 +344,8 @@ impl Watcher {
         let (signal, ktime) = match (&d.killed, &primary) {
             (Some(k), _) => (
                 Signal {
-                    number: k.sig,
-                    name: signals::name(k.sig),
-                    description: signals::description(k.sig),
-                    code: k.code,
-                    code_name: signals::code_name(k.sig, k.code),
-                    code_description: signals::code_description(k.sig, k.code),
-                    address: None,
                     sender_pid: (k.sender != 0 && !k.oom).then_some(k.sender as i32),
-                    handled: false,
-                    stack_overflow: false,
+                    ..named_signal(k.sig, k.code)
                 },
                 k.ktime_ns,
             ),
@@ -436,17 +428,24 @@ impl Watcher {
 /// The signal part of a report, from the kernel's record of it.
 pub(crate) fn signal_of(ev: &SignalEvent) -> Signal {
     Signal {
-        number: ev.sig,
-        name: signals::name(ev.sig),
-        description: signals::description(ev.sig),
-        code: ev.code,
-        code_name: signals::code_name(ev.sig, ev.code),
-        code_description: signals::code_description(ev.sig, ev.code),
         address: signals::is_fault(ev.sig, ev.code).then(|| report::hex(ev.addr)),
         sender_pid: signals::user_sent(ev.code)
             .then_some(ev.sender_pid)
             .filter(|&p| p > 0),
         handled: ev.handler > SIG_IGN,
-        stack_overflow: false,
+        ..named_signal(ev.sig, ev.code)
+    }
+}
+
+/// A signal's names and descriptions, with nothing else known yet.
+fn named_signal(sig: i32, code: i32) -> Signal {
+    Signal {
+        number: sig,
+        name: signals::name(sig),
+        description: signals::description(sig),
+        code,
+        code_name: signals::code_name(sig, code),
+        code_description: signals::code_description(sig, code),
+        ..Signal::default()
     }
 }
