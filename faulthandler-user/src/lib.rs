@@ -2,6 +2,7 @@ pub mod btf;
 pub mod capture;
 pub mod cli;
 pub mod decode;
+pub mod diag;
 pub mod dumps;
 pub mod modules;
 pub mod output;

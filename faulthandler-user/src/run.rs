@@ -288,7 +288,7 @@ fn watch_loop(w: &mut Watcher, mut mode: Mode, mut timer: Option<Timer>) -> Resu
         for pid in &targets {
             match w.dump_report(*pid, "timeout") {
                 Ok(r) => w.emit(&r),
-                Err(e) => eprintln!("rfh-trace: cannot dump pid {pid}: {e}"),
+                Err(e) => crate::diag!("cannot dump pid {pid}: {e}"),
             }
         }
         if t.exit {

@@ -205,10 +205,7 @@ impl Watcher {
         if let Some(path) = &self.flamegraph {
             let title = format!("rfh-trace: {} (pid {pid})", report.process.comm);
             if let Err(e) = profile.write_flamegraph(path, &title) {
-                eprintln!(
-                    "rfh-trace: cannot write flame graph {}: {e}",
-                    path.display()
-                );
+                crate::diag!("cannot write flame graph {}: {e}", path.display());
             }
         }
     }
@@ -221,7 +218,7 @@ impl Watcher {
         let event = match decode(record) {
             Ok(e) => e,
             Err(e) => {
-                eprintln!("rfh-trace: dropping a malformed event: {e}");
+                crate::diag!("dropping a malformed event: {e}");
                 self.lost += 1;
                 return;
             }
@@ -324,7 +321,7 @@ impl Watcher {
             report.to_text(self.color)
         };
         if let Err(e) = self.sink.write_report(&text) {
-            eprintln!("rfh-trace: cannot write report: {e}");
+            crate::diag!("cannot write report: {e}");
         }
     }
 
