@@ -139,12 +139,13 @@ fn prog_exists(id: u64) -> bool {
 fn detaches_on(sig: i32) {
     require_root();
     let mut target = Command::new("sleep").arg("30").spawn().unwrap();
-    let mut tracer = Command::new(rfh_trace())
-        .args(["--pid", &target.id().to_string()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let ids = wait_attached(tracer.id());
+    let mut tracer = spawn_ready(
+        Command::new(rfh_trace())
+            .args(["--pid", &target.id().to_string()])
+            .stderr(Stdio::piped()),
+    );
+    let ids = prog_ids_of(tracer.id());
+    assert!(ids.len() >= 6, "{ids:?}");
     unsafe { libc::kill(tracer.id() as i32, sig) };
     let status = tracer.wait().unwrap();
     if sig == libc::SIGINT {

@@ -49,7 +49,8 @@ fn dump(pid: u32) -> (std::process::Output, Vec<Value>) {
         .args(["dump", &pid.to_string(), "--format", "json"])
         .output()
         .unwrap();
-    let reports: Vec<Value> = String::from_utf8_lossy(&out.stderr)
+    // Dumps go to stdout, as eu-stack's and py-spy's do.
+    let reports: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap())
@@ -191,13 +192,12 @@ fn on_signal_reports_and_the_process_lives_on() {
     let mut child = start_ready(&b);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r.jsonl");
-    let mut tracer = Command::new(rfh_trace())
-        .args(["--format", "json", "--on-signal", "SIGUSR1", "--output"])
-        .arg(&out)
-        .args(["--pid", &child.id().to_string()])
-        .spawn()
-        .unwrap();
-    wait_attached(tracer.id());
+    let mut tracer = spawn_ready(
+        Command::new(rfh_trace())
+            .args(["--format", "json", "--on-signal", "SIGUSR1", "--output"])
+            .arg(&out)
+            .args(["--pid", &child.id().to_string()]),
+    );
     unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap())

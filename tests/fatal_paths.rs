@@ -160,15 +160,14 @@ fn spawn_sleeper() -> (Built, std::process::Child) {
 fn watch_and_signal(target: &mut std::process::Child, extra: &[&str], sig: i32) -> Vec<Value> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r.jsonl");
-    let mut tracer = Command::new(rfh_trace())
-        .args(["--format", "json", "--output"])
-        .arg(&out)
-        .args(extra)
-        .args(["--pid", &target.id().to_string()])
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    wait_attached(tracer.id());
+    let mut tracer = spawn_ready(
+        Command::new(rfh_trace())
+            .args(["--format", "json", "--output"])
+            .arg(&out)
+            .args(extra)
+            .args(["--pid", &target.id().to_string()])
+            .stderr(Stdio::inherit()),
+    );
     unsafe { libc::kill(target.id() as i32, sig) };
     let _ = target.wait();
     let status = tracer.wait().unwrap();

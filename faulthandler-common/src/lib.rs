@@ -26,6 +26,30 @@ pub const VMA_NAME_LEN: usize = 64;
 pub const COMM_LEN: usize = 16;
 /// Maximum number of processes in the watch map.
 pub const WATCH_MAX: u32 = 16384;
+/// Most processes dying at once whose threads are being captured.
+pub const DYING_MAX: u32 = 1024;
+
+// Kernel ABI, x86_64. Both sides read these here so they cannot disagree.
+
+pub const SIGKILL: u32 = 9;
+/// Nesting limit of PID namespaces (`MAX_PID_NS_LEVEL`).
+pub const PID_NS_LEVELS: u32 = 32;
+/// `si_code` of a signal the kernel itself sent.
+pub const SI_KERNEL: i32 = 0x80;
+/// `vm_flags` bit of an executable mapping.
+pub const VM_EXEC: u64 = 4;
+/// Lowest address a user mapping can start at (`mmap_min_addr` floor).
+pub const USER_ADDR_MIN: u64 = 0x1000;
+/// User space ends here with 4-level paging, and 5-level paging hands out
+/// higher addresses only on explicit request: nothing above is user code.
+pub const USER_ADDR_MAX: u64 = 0x0000_8000_0000_0000;
+/// `siginfo_t` byte offsets: si_errno, si_code, and the union that holds
+/// si_pid/si_uid for user-sent signals and si_addr for faults.
+pub const SI_ERRNO_OFF: usize = 4;
+pub const SI_CODE_OFF: usize = 8;
+pub const SI_PID_OFF: usize = 16;
+pub const SI_UID_OFF: usize = 20;
+pub const SI_ADDR_OFF: usize = 16;
 
 /// Every record in the ring buffer starts with this header; `len` is the
 /// number of meaningful bytes including the header, so the decoder can
@@ -68,6 +92,20 @@ pub const fn default_is_harmless(sig: u32) -> bool {
     sig < 64 && HARMLESS_DEFAULT & (1u64 << sig) != 0
 }
 
+/// A delivery to a handler, remembered per thread (map `HANDLED`) in
+/// case the handler re-raises.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Handled {
+    pub ktime_ns: u64,
+    pub addr: u64,
+    pub sig: i32,
+    pub code: i32,
+}
+
+/// Threads remembered in `HANDLED` (least recently used go first).
+pub const HANDLED_MAX: u32 = 4096;
+
 /// `SignalEvent::flags` bits.
 pub const SIG_F_HAS_INFO: u32 = 1 << 0;
 pub const SIG_F_HAS_REGS: u32 = 1 << 1;
@@ -81,6 +119,8 @@ pub const SIG_F_SAMPLE: u32 = 1 << 4;
 /// The dumped thread was on a CPU (TASK_RUNNING): its saved registers
 /// are stale, so a sample must stand in for them.
 pub const SIG_F_RUNNING: u32 = 1 << 5;
+/// `SignalEvent::prior` is set.
+pub const SIG_F_PRIOR: u32 = 1 << 6;
 
 /// A file-backed mapping the faulting thread's stack or IP points into,
 /// resolved with `bpf_find_vma` while the process still exists. Userspace
@@ -125,8 +165,13 @@ pub struct SignalEvent {
     pub addr: u64,
     /// `sa_handler` of the action in force (0 = SIG_DFL, 1 = SIG_IGN).
     pub handler: u64,
-    /// Failed ring-buffer reservations seen before this record was written.
-    pub lost: u64,
+    /// Dump records: `DumpCtl::seq` of the iteration that wrote them.
+    pub seq: u64,
+    /// With `SIG_F_PRIOR`: the last signal of the same number this thread
+    /// took while it had a handler installed (a handler that re-raises
+    /// after returning dies of a signal whose own siginfo says only
+    /// SI_TKILL; the fault it handled is this one).
+    pub prior: Handled,
     /// The user `pt_regs` of the thread, as the kernel lays them out.
     pub regs: [u64; PT_REGS_LEN],
     pub comm: [u8; COMM_LEN],
@@ -157,6 +202,8 @@ pub struct SignalRecord {
 pub const PT_REGS_LEN: usize = 21;
 pub const REG_BP: usize = 4;
 pub const REG_BX: usize = 5;
+pub const REG_DX: usize = 12;
+pub const REG_ORIG_AX: usize = 15;
 pub const REG_IP: usize = 16;
 pub const REG_SP: usize = 19;
 
@@ -207,15 +254,57 @@ pub struct VmaEvent {
     pub vmas: [Vma; VMA_MAX],
 }
 
-/// Per dying process: how many of its threads were captured at the
-/// group exit, and how many the thread cap left out.
+/// Per dying process: what it is dying of, and the fate of each of its
+/// threads, so a report can say captured + omitted + lost = total.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dying {
+    /// Thread records written to the ring. The counters are 64-bit so
+    /// the kernel side can count with the plain atomic add every BPF CPU
+    /// version has: threads die on several CPUs at once.
+    pub threads: u64,
+    /// Threads left out by the thread cap (`--max-threads`).
+    pub omitted: u64,
+    /// Thread records that did not fit in the ring.
+    pub lost: u64,
+    /// Threads in the process when its death began (`signal->nr_threads`).
+    pub total: u32,
+    /// The signal it is dying of, and its si_code (0 when unknown).
+    pub sig: u32,
+    pub code: i32,
+    pub _pad: u32,
+}
+
+/// `EVENT_EXIT`: the last thread of a watched process has exited. When it
+/// was dying of something reported, `dying` holds the final counts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Dying {
-    /// 64-bit so the kernel side can count with the plain atomic add
-    /// every BPF CPU version has: threads die on several CPUs at once.
-    pub threads: u64,
-    pub omitted: u64,
+pub struct ExitEvent {
+    pub header: EventHeader,
+    pub ktime_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    /// 1 when `dying` is meaningful.
+    pub was_dying: u32,
+    pub _pad: u32,
+    pub dying: Dying,
+}
+
+/// The dump iterator's control block (map `DUMP_CTL`, one entry):
+/// userspace sets `target` and `seq` before each iteration and reads the
+/// counts after it, so it knows how many records to wait for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DumpCtl {
+    /// The process (as rfh-trace sees its pid) whose threads are dumped,
+    /// 0 for none.
+    pub target: u32,
+    /// Stamped into each record as `SignalEvent::seq`.
+    pub seq: u32,
+    /// Records written by this iteration.
+    pub emitted: u64,
+    /// Times a record did not fit and the iterator asked to retry.
+    pub retries: u64,
 }
 
 /// `Config::flags` bits.
@@ -251,6 +340,12 @@ pub struct KernelOffsets {
     pub binprm_filename: u32,
     pub task_comm: u32,
     pub task_state: u32,
+    pub task_signal: u32,
+    pub signal_nr_threads: u32,
+    /// `struct upid::ns` and `pid_namespace::ns.inum`: which namespace a
+    /// pid number belongs to.
+    pub upid_ns: u32,
+    pub pidns_inum: u32,
 }
 
 #[repr(C)]
@@ -259,17 +354,50 @@ pub struct Config {
     pub flags: u32,
     /// Bytes of user stack to copy, at most `STACK_MAX`.
     pub stack_size: u32,
-    /// Bit N set: signal N is captured.
+    /// Bit N set: signal N is reported when it kills the process.
     pub signal_mask: u64,
+    /// Bit N set: signal N asks for a dump when it does not kill the
+    /// process (`--on-signal`).
+    pub on_signal_mask: u64,
     /// Most threads captured per dying process (`--max-threads`).
     pub max_threads: u32,
-    pub _pad: u32,
+    /// The inode number of the PID namespace rfh-trace runs in, 0 for
+    /// the host's. Every pid the kernel side reports or looks up is the
+    /// process's number in that namespace, so rfh-trace inside a
+    /// container sees the pids its own /proc shows.
+    pub view_ns_inum: u32,
     pub offsets: KernelOffsets,
 }
 
-/// Indices into the per-CPU counters array.
-pub const COUNTER_LOST: u32 = 0;
-pub const COUNTERS: u32 = 1;
+/// Indices into the per-CPU drop counters (map `COUNTERS`), one per
+/// cause; userspace sums them every poll. Each drop is counted once.
+/// A whole report (a crash whose every record was lost, or an
+/// `--on-signal` delivery) did not fit in the ring.
+pub const CNT_REPORT_RING_FULL: u32 = 0;
+/// One thread of a report did not fit (also counted in `Dying::lost`).
+pub const CNT_THREAD_RING_FULL: u32 = 1;
+/// A process-lifecycle or mapping record did not fit: symbols may suffer.
+pub const CNT_EVENT_RING_FULL: u32 = 2;
+/// A CPU sample for a `--timeout` profile did not fit.
+pub const CNT_SAMPLE_RING_FULL: u32 = 3;
+/// A process could not be added to the watch map (it is full).
+pub const CNT_WATCH_FULL: u32 = 4;
+/// A death could not be tracked (the dying map is full): its other
+/// threads are not captured.
+pub const CNT_DYING_FULL: u32 = 5;
+/// A thread's user stack could not be read at all.
+pub const CNT_STACK_COPY: u32 = 6;
+pub const COUNTERS: u32 = 7;
+/// The cause names userspace reports, indexed like the counters.
+pub const COUNTER_NAMES: [&str; COUNTERS as usize] = [
+    "ring_full",
+    "threads_ring_full",
+    "events_ring_full",
+    "samples_ring_full",
+    "watch_map_full",
+    "dying_map_full",
+    "stack_copy_failed",
+];
 
 macro_rules! assert_size {
     ($t:ty, $n:expr) => {
@@ -278,9 +406,11 @@ macro_rules! assert_size {
 }
 assert_size!(EventHeader, 8);
 assert_size!(Vma, 40 + VMA_NAME_LEN);
+assert_size!(Handled, 24);
 assert_size!(
     SignalEvent,
     8 + 8
+        + 24
         + 16
         + 16
         + 8
@@ -298,11 +428,13 @@ assert_size!(
     core::mem::size_of::<SignalEvent>() + STACK_BUF
 );
 assert_size!(ProcEvent, 40);
-assert_size!(KernelOffsets, 24 * 4);
-assert_size!(Dying, 16);
+assert_size!(KernelOffsets, 28 * 4);
+assert_size!(Dying, 40);
+assert_size!(ExitEvent, 32 + 40);
+assert_size!(DumpCtl, 24);
 assert_size!(VmaEvent, 24 + VMA_MAX * (40 + VMA_NAME_LEN));
 assert_size!(ExecEvent, 24 + EXEC_PATH_LEN);
-assert_size!(Config, 24 + 24 * 4);
+assert_size!(Config, 32 + 28 * 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -311,4 +443,6 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::Dying {}
+    unsafe impl aya::Pod for super::DumpCtl {}
+    unsafe impl aya::Pod for super::Handled {}
 }

@@ -24,43 +24,67 @@ use aya_ebpf::{
 use faulthandler_common::*;
 
 use crate::{
-    config, copy_user_stack, current, fill_task, init_record, read_at, read_regs, watched,
+    EVENTS, config, copy_user_stack, current_ids, fill_task, init_record, read_at, read_regs,
+    task_ids, watched,
 };
 
-/// Index 0: the tgid whose threads the next iteration dumps, or that the
-/// running-thread sampler may capture.
+/// What the next iteration dumps, and its counts (see `DumpCtl`).
 #[map]
-static DUMP_TARGET: Array<u32> = Array::with_max_entries(1, 0);
+static DUMP_CTL: Array<DumpCtl> = Array::with_max_entries(1, 0);
 
 const TASK_RUNNING: u32 = 0;
+
+/// What the program returns to make the iterator retry the same task:
+/// read() fails with EAGAIN and the next read() starts again at it. A
+/// full ring thus pauses the dump until userspace has drained it,
+/// instead of losing threads.
+const RETRY: i32 = 1;
 
 /// `iter.s/task`: called once per task on the system, in process
 /// context and allowed to sleep, so paged-out stack pages are faulted in.
 #[unsafe(link_section = "iter.s/task")]
 #[unsafe(no_mangle)]
 pub extern "C" fn dump_task(ctx: *mut c_void) -> i32 {
-    // struct bpf_iter__task { struct bpf_iter_meta *meta; struct task_struct *task; }
+    // SAFETY: the context is `struct bpf_iter__task { struct
+    // bpf_iter_meta *meta; struct task_struct *task; }`; task is NULL on
+    // the final call.
     let task = unsafe { *(ctx as *const *mut task_struct).add(1) };
-    if !task.is_null() {
-        unsafe { dump_one(task) };
+    if task.is_null() {
+        return 0;
     }
-    0
+    // SAFETY: a task the iterator holds a reference on.
+    match unsafe { dump_one(task) } {
+        Some(false) => RETRY,
+        _ => 0,
+    }
 }
 
+/// Some(true): dumped; Some(false): the ring is full, retry; None: not a
+/// thread of the target.
 #[inline(always)]
-unsafe fn dump_one(task: *mut task_struct) -> Option<()> {
+unsafe fn dump_one(task: *mut task_struct) -> Option<bool> {
     let cfg = config()?;
     let o = &cfg.offsets;
-    let target = *DUMP_TARGET.get(0)?;
+    let ctl = DUMP_CTL.get_ptr_mut(0)?;
+    // SAFETY: `ctl` points into a live map value; iterations never run
+    // concurrently (userspace runs one at a time).
+    let (target, seq) = unsafe { ((*ctl).target, (*ctl).seq) };
     let t = task as *const u8;
-    let tgid = unsafe { read_at::<u32>(t, o.task_tgid) }?;
+    // SAFETY: probe reads of the task.
+    let (tgid, tid) = unsafe { task_ids(cfg, t) }?;
     if target == 0 || tgid != target {
         return None;
     }
-    let tid = unsafe { read_at::<u32>(t, o.task_pid) }?;
+    // SAFETY: a probe read.
     let state = unsafe { read_at::<u32>(t, o.task_state) }.unwrap_or(0);
-    let mut entry = crate::reserve::<SignalRecord>()?;
+    let Some(mut entry) = EVENTS.reserve::<SignalRecord>(0) else {
+        // SAFETY: as above.
+        unsafe { (*ctl).retries += 1 };
+        return Some(false);
+    };
     let rec = entry.as_mut_ptr();
+    // SAFETY: our own reservation; user memory is read with
+    // bpf_copy_from_user_task, which checks and may fault pages in.
     unsafe {
         let ev = core::ptr::addr_of_mut!((*rec).event);
         let flags = SIG_F_DUMP
@@ -70,15 +94,17 @@ unsafe fn dump_one(task: *mut task_struct) -> Option<()> {
                 0
             };
         init_record(ev, tgid, tid, flags);
+        (*ev).seq = seq as u64;
         fill_task(ev, t, o);
         if read_regs(ev, bpf_task_pt_regs(task) as *const c_void) {
             copy_user_stack(rec, cfg.stack_size, |d, n, src| {
                 bpf_copy_from_user_task(d, n, src, task, 0)
             });
         }
+        (*ctl).emitted += 1;
     }
     entry.submit(0);
-    Some(())
+    Some(true)
 }
 
 /// A CPU-clock sample: capture the interrupted thread if it belongs to a
@@ -92,13 +118,15 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
 
 fn try_sample(ctx: &PerfEventContext) -> Option<()> {
     let cfg = config()?;
-    let (tgid, tid) = current();
-    let target = DUMP_TARGET.get(0).copied().unwrap_or(0);
+    let (tgid, tid) = current_ids(cfg)?;
+    let target = DUMP_CTL.get(0).map_or(0, |c| c.target);
     if tgid == 0 || (tgid != target && !watched(cfg, tgid)) {
         return None;
     }
-    let mut entry = crate::reserve::<SignalRecord>()?;
+    let mut entry = crate::reserve::<SignalRecord>(CNT_SAMPLE_RING_FULL)?;
     let rec = entry.as_mut_ptr();
+    // SAFETY: our own reservation; the sample's registers come from the
+    // perf context, and user memory is read with probes.
     unsafe {
         let ev = core::ptr::addr_of_mut!((*rec).event);
         init_record(ev, tgid, tid, SIG_F_SAMPLE);

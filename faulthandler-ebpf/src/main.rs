@@ -24,7 +24,7 @@ use aya_ebpf::{
         },
     },
     macros::{map, raw_tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::RawTracePointContext,
 };
 use faulthandler_common::*;
@@ -39,60 +39,58 @@ static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(WATCH_MAX, 0);
 /// tgid → capture state of each watched process that is dying of a
 /// reported signal.
 #[map]
-static DYING: HashMap<u32, Dying> = HashMap::with_max_entries(1024, 0);
+static DYING: HashMap<u32, Dying> = HashMap::with_max_entries(DYING_MAX, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
-/// Failed reservations, reported to userspace in the next record.
+/// tid → the last delivery of a reported signal to a handler (see
+/// `SignalEvent::prior`): one map update per handled fault, no record.
 #[map]
-static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
+static HANDLED: LruHashMap<u32, Handled> = LruHashMap::with_max_entries(HANDLED_MAX, 0);
+
+/// Drops by cause (`CNT_*`); userspace sums and reports them.
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 
 #[inline(always)]
 fn config() -> Option<&'static Config> {
     CONFIG.get(0)
 }
 
-/// (tgid, tid) of the current task.
-#[inline(always)]
-fn current() -> (u32, u32) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    ((pid_tgid >> 32) as u32, pid_tgid as u32)
-}
-
 #[inline(always)]
 fn watched(cfg: &Config, tgid: u32) -> bool {
+    // SAFETY: the value is only tested for presence, never held.
     cfg.flags & CFG_ALL != 0 || unsafe { WATCHED.get(&tgid) }.is_some()
 }
 
+/// Counts one drop of `cause` on this CPU.
 #[inline(always)]
-fn count_lost() {
-    if let Some(p) = COUNTERS_MAP.get_ptr_mut(COUNTER_LOST) {
+fn count(cause: u32) {
+    if let Some(p) = DROPS.get_ptr_mut(cause) {
+        // SAFETY: a per-CPU slot; this program cannot be preempted by
+        // another use of the same slot on this CPU.
         unsafe { *p += 1 };
     }
 }
 
-/// A ring-buffer reservation; a full buffer is counted, never silent.
+/// Adds 1 to a counter other CPUs may be adding to at the same time.
 #[inline(always)]
-fn reserve<T: 'static>() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>> {
-    let entry = EVENTS.reserve::<T>(0);
-    if entry.is_none() {
-        count_lost();
-    }
-    entry
+fn atomic_inc(counter: *mut u64) {
+    // SAFETY: `counter` points into a live map value. The bpf target's
+    // core has no atomic read-modify-write types; the intrinsic lowers to
+    // BPF's atomic add.
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1) };
 }
 
-/// Takes and clears this CPU's lost count, so each loss is reported once.
+/// A ring-buffer reservation; a full buffer is counted under `cause`.
 #[inline(always)]
-fn take_lost() -> u64 {
-    match COUNTERS_MAP.get_ptr_mut(COUNTER_LOST) {
-        Some(p) => unsafe {
-            let n = *p;
-            *p = 0;
-            n
-        },
-        None => 0,
+fn reserve<T: 'static>(cause: u32) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>> {
+    let entry = EVENTS.reserve::<T>(0);
+    if entry.is_none() {
+        count(cause);
     }
+    entry
 }
 
 #[inline(always)]
@@ -100,6 +98,8 @@ unsafe fn read_at<T>(base: *const u8, off: u32) -> Option<T> {
     if base.is_null() {
         return None;
     }
+    // SAFETY: bpf_probe_read_kernel checks the address itself and fails
+    // cleanly on a bad one.
     unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const T) }.ok()
 }
 
@@ -107,6 +107,7 @@ unsafe fn read_at<T>(base: *const u8, off: u32) -> Option<T> {
 /// innermost PID namespace.
 #[inline(always)]
 unsafe fn ns_nr(o: &KernelOffsets, task: *const u8) -> u32 {
+    // SAFETY: every read goes through read_at (probe reads).
     unsafe {
         let Some(pid) = read_at::<*const u8>(task, o.task_thread_pid) else {
             return 0;
@@ -119,7 +120,88 @@ unsafe fn ns_nr(o: &KernelOffsets, task: *const u8) -> u32 {
     }
 }
 
-const SIGKILL: u32 = 9;
+/// `task`'s pid number in rfh-trace's own PID namespace; None when the
+/// task is not visible from there (it lives outside that namespace).
+/// The namespace's level is not known to userspace inside a container
+/// (its /proc shows no outer levels), so the levels are searched for it.
+#[inline(always)]
+unsafe fn view_nr(cfg: &Config, task: *const u8) -> Option<u32> {
+    let o = &cfg.offsets;
+    // SAFETY: every read goes through read_at (probe reads).
+    unsafe {
+        let pid = read_at::<*const u8>(task, o.task_thread_pid)?;
+        let level = read_at::<u32>(pid, o.pid_level)?;
+        for l in 1..=PID_NS_LEVELS {
+            if l > level {
+                break;
+            }
+            let upid = o.pid_numbers + l * o.upid_size;
+            let ns = read_at::<*const u8>(pid, upid + o.upid_ns)?;
+            if read_at::<u32>(ns, o.pidns_inum)? == cfg.view_ns_inum {
+                return read_at::<u32>(pid, upid);
+            }
+        }
+        None
+    }
+}
+
+/// (tgid, tid) of `task` as rfh-trace sees them.
+#[inline(always)]
+unsafe fn task_ids(cfg: &Config, task: *const u8) -> Option<(u32, u32)> {
+    let o = &cfg.offsets;
+    // SAFETY: every read goes through read_at (probe reads).
+    unsafe {
+        if cfg.view_ns_inum == 0 {
+            return Some((read_at(task, o.task_tgid)?, read_at(task, o.task_pid)?));
+        }
+        let leader = read_at::<*const u8>(task, o.task_group_leader)?;
+        Some((view_nr(cfg, leader)?, view_nr(cfg, task)?))
+    }
+}
+
+/// (tgid, tid) of the current task as rfh-trace sees them.
+#[inline(always)]
+fn current_ids(cfg: &Config) -> Option<(u32, u32)> {
+    if cfg.view_ns_inum == 0 {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        return Some(((pid_tgid >> 32) as u32, pid_tgid as u32));
+    }
+    // SAFETY: the current task is valid for the whole program run.
+    unsafe { task_ids(cfg, bpf_get_current_task_btf() as *const u8) }
+}
+
+/// Marks `tgid` as dying of `sig`, so its other threads are captured as
+/// they take the group-exit SIGKILL, and returns its entry. An existing
+/// mark (a fault on another thread already being reported) is kept.
+#[inline(always)]
+fn begin_dying(
+    cfg: &Config,
+    task: *const u8,
+    tgid: u32,
+    sig: u32,
+    code: i32,
+) -> Option<*mut Dying> {
+    if let Some(d) = DYING.get_ptr_mut(&tgid) {
+        return Some(d);
+    }
+    let o = &cfg.offsets;
+    // SAFETY: probe reads of the task's signal_struct.
+    let total = unsafe {
+        read_at::<*const u8>(task, o.task_signal)
+            .and_then(|s| read_at::<i32>(s, o.signal_nr_threads))
+            .unwrap_or(0)
+    };
+    let d = Dying {
+        total: total.max(0) as u32,
+        sig,
+        code,
+        ..Dying::default()
+    };
+    if DYING.insert(&tgid, &d, BPF_NOEXIST as u64).is_err() && DYING.get_ptr_mut(&tgid).is_none() {
+        count(CNT_DYING_FULL);
+    }
+    DYING.get_ptr_mut(&tgid)
+}
 
 #[raw_tracepoint(tracepoint = "signal_deliver")]
 pub fn signal_deliver(ctx: RawTracePointContext) -> i32 {
@@ -129,12 +211,10 @@ pub fn signal_deliver(ctx: RawTracePointContext) -> i32 {
 
 fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     let cfg = config()?;
-    let sig: u64 = ctx.arg(0);
-    let sig = sig as u32;
+    let sig = ctx.arg::<u64>(0) as u32;
     if sig >= 64 {
         return None;
     }
-    let (tgid, tid) = current();
     let info: *const u8 = ctx.arg(1);
     let ka: *const u8 = ctx.arg(2);
     // While a process dies, every thread but the one that took the fatal
@@ -144,39 +224,78 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     // deliveries are captured only for processes already known to be
     // dying of something reported, so a plain exit_group costs nothing.
     let group_exit = sig == SIGKILL && info.is_null();
-    if group_exit {
-        let d = DYING.get_ptr_mut(&tgid)?;
-        unsafe {
-            // The cap is checked before the add, so a burst of threads on
-            // several CPUs may pass it by a few; the counts stay exact.
-            let full = (*d).threads >= cfg.max_threads as u64;
-            let counter = if full {
-                &raw mut (*d).omitted
-            } else {
-                &raw mut (*d).threads
-            };
-            // The bpf target's core has no atomic read-modify-write types;
-            // the intrinsic lowers to BPF's atomic add.
-            core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1);
-            if full {
-                return None;
-            }
-        }
-    } else if cfg.signal_mask & (1u64 << sig) == 0 || !watched(cfg, tgid) {
+    let bit = 1u64 << sig;
+    if !group_exit && (cfg.signal_mask | cfg.on_signal_mask) & bit == 0 {
         return None;
     }
+    let (tgid, tid) = current_ids(cfg)?;
+    // SAFETY: the current task is valid for the whole program run.
+    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+    // SAFETY: probe reads; `ka` is the k_sigaction in force.
     let handler = unsafe { read_at::<u64>(ka, 0) }.unwrap_or(0);
-    if !group_exit && handler == SIG_DFL && !default_is_harmless(sig) {
-        // The process dies of this: capture its other threads as they go.
-        let first = Dying {
-            threads: 1,
-            omitted: 0,
-        };
-        let _ = DYING.insert(&tgid, &first, BPF_NOEXIST as u64);
-    }
+    // SAFETY: probe read of the siginfo the kernel is delivering.
+    let code = unsafe { read_at::<i32>(info, SI_CODE_OFF as u32) }.unwrap_or(0);
+    let dying = if group_exit {
+        let d = DYING.get_ptr_mut(&tgid)?;
+        // SAFETY: `d` points into a live map value. The cap is checked
+        // before the add, so a burst of threads on several CPUs may pass
+        // it by a few; the counts stay exact.
+        if unsafe { (*d).threads + (*d).lost } >= cfg.max_threads as u64 {
+            atomic_inc(unsafe { &raw mut (*d).omitted });
+            return None;
+        }
+        Some(d)
+    } else {
+        if !watched(cfg, tgid) {
+            return None;
+        }
+        if handler != SIG_DFL || default_is_harmless(sig) {
+            // The process's own handler runs, or the signal is harmless:
+            // not a crash, and it costs the process nothing but a map
+            // update here (no stack copy, no record). If the handler
+            // re-raises from inside, the fatal delivery's stack copy holds
+            // the handler's signal frame and the original frames; if it
+            // returns and the re-raised signal arrives then, the stack is
+            // the original one and only this remembered siginfo is gone.
+            // Only `--on-signal` wants a record of these deliveries.
+            if handler != SIG_IGN && cfg.signal_mask & bit != 0 {
+                let h = Handled {
+                    // SAFETY: a plain helper call.
+                    ktime_ns: unsafe { bpf_ktime_get_ns() },
+                    // SAFETY: a probe read of the siginfo being delivered.
+                    addr: unsafe { read_at::<u64>(info, SI_ADDR_OFF as u32) }.unwrap_or(0),
+                    sig: sig as i32,
+                    code,
+                };
+                let _ = HANDLED.insert(&tid, &h, 0);
+            }
+            if cfg.on_signal_mask & bit == 0 {
+                return None;
+            }
+            None
+        } else {
+            begin_dying(cfg, task, tgid, sig, code)
+        }
+    };
 
-    let mut entry = crate::reserve::<SignalRecord>()?;
+    let Some(mut entry) = EVENTS.reserve::<SignalRecord>(0) else {
+        match dying {
+            Some(d) => {
+                // SAFETY: `d` points into a live map value.
+                atomic_inc(unsafe { &raw mut (*d).lost });
+                count(CNT_THREAD_RING_FULL);
+            }
+            None => count(CNT_REPORT_RING_FULL),
+        }
+        return None;
+    };
+    if let Some(d) = dying {
+        // SAFETY: `d` points into a live map value.
+        atomic_inc(unsafe { &raw mut (*d).threads });
+    }
     let rec = entry.as_mut_ptr();
+    // SAFETY: `rec` is this program's own reservation; every field is
+    // written before submit, and kernel/user memory is read with probes.
     unsafe {
         let ev = addr_of_mut!((*rec).event);
         init_record(ev, tgid, tid, if group_exit { SIG_F_GROUP_EXIT } else { 0 });
@@ -184,18 +303,24 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
         (*ev).handler = handler;
         if !info.is_null() {
             (*ev).flags |= SIG_F_HAS_INFO;
-            (*ev).errno = read_at::<i32>(info, 4).unwrap_or(0);
-            let code = read_at::<i32>(info, 8).unwrap_or(0);
+            (*ev).errno = read_at::<i32>(info, SI_ERRNO_OFF as u32).unwrap_or(0);
             (*ev).code = code;
             if code <= 0 {
-                (*ev).sender_pid = read_at::<i32>(info, 16).unwrap_or(0);
-                (*ev).sender_uid = read_at::<u32>(info, 20).unwrap_or(0);
+                (*ev).sender_pid = read_at::<i32>(info, SI_PID_OFF as u32).unwrap_or(0);
+                (*ev).sender_uid = read_at::<u32>(info, SI_UID_OFF as u32).unwrap_or(0);
             } else {
-                (*ev).addr = read_at::<u64>(info, 16).unwrap_or(0);
+                (*ev).addr = read_at::<u64>(info, SI_ADDR_OFF as u32).unwrap_or(0);
             }
         }
-        let task = bpf_get_current_task_btf();
-        fill_task(ev, task as *const u8, &cfg.offsets);
+        fill_task(ev, task, &cfg.offsets);
+        if !group_exit && code <= 0 {
+            if let Some(h) = HANDLED.get(&tid) {
+                if h.sig == sig as i32 {
+                    (*ev).prior = *h;
+                    (*ev).flags |= SIG_F_PRIOR;
+                }
+            }
+        }
         let n = bpf_get_stack(
             ctx.as_ptr(),
             addr_of_mut!((*ev).fp) as *mut c_void,
@@ -208,7 +333,13 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
                 bpf_probe_read_user(d, n, src)
             });
             let vmas = addr_of_mut!((*ev).vmas);
-            (*ev).nvmas = vma::capture(task, (*ev).regs[REG_IP], (*ev).regs[REG_SP], 0, vmas);
+            (*ev).nvmas = vma::capture(
+                task as *mut _,
+                (*ev).regs[REG_IP],
+                (*ev).regs[REG_SP],
+                0,
+                vmas,
+            );
         }
     }
     entry.submit(0);
@@ -234,7 +365,8 @@ unsafe fn init_record(ev: *mut SignalEvent, tgid: u32, tid: u32, flags: u32) {
         (*ev).addr = 0;
         (*ev).handler = 0;
         (*ev).flags = flags;
-        (*ev).lost = take_lost();
+        (*ev).seq = 0;
+        (*ev).prior = Handled::default();
         (*ev).fp_len = 0;
         (*ev).stack_len = 0;
         (*ev).stack_err = 0;
@@ -341,6 +473,10 @@ unsafe fn copy_stack(
         }
         off += chunk;
     }
+    if !copied {
+        count(CNT_STACK_COPY);
+    }
+    // SAFETY: `ev` is the caller's reservation.
     unsafe { (*ev).stack_len = if copied { off } else { 0 } };
 }
 

@@ -5,7 +5,6 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
         generated::bpf_task_pt_regs,
@@ -15,7 +14,9 @@ use aya_ebpf::{
 };
 use faulthandler_common::*;
 
-use crate::{DYING, EVENTS, WATCHED, config, count_lost, current, read_at, watched};
+use crate::{
+    DYING, EVENTS, WATCHED, begin_dying, config, count, current_ids, read_at, task_ids, watched,
+};
 
 #[inline(always)]
 fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, sender: u32, addr: u64) {
@@ -24,6 +25,7 @@ fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, sender: u32, addr: u64) {
             kind,
             len: size_of::<ProcEvent>() as u32,
         },
+        // SAFETY: a plain helper call.
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         pid,
         tid,
@@ -32,7 +34,7 @@ fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, sender: u32, addr: u64) {
         addr,
     };
     if EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
-        count_lost();
+        count(CNT_EVENT_RING_FULL);
     }
 }
 
@@ -50,15 +52,17 @@ fn try_fork(ctx: &RawTracePointContext) -> Option<()> {
     if cfg.flags & CFG_FOLLOW == 0 || cfg.flags & CFG_ALL != 0 {
         return None;
     }
-    let (tgid, tid) = current();
+    let (tgid, tid) = current_ids(cfg)?;
+    // SAFETY: presence test only.
     unsafe { WATCHED.get(&tgid) }?;
     let child: *const u8 = ctx.arg(1);
-    let child_tgid = unsafe { read_at::<u32>(child, cfg.offsets.task_tgid) }?;
+    // SAFETY: probe reads of the new task.
+    let (child_tgid, _) = unsafe { task_ids(cfg, child) }?;
     if child_tgid == tgid {
         return None; // a new thread, already covered
     }
     if WATCHED.insert(&child_tgid, &1, 0).is_err() {
-        count_lost();
+        count(CNT_WATCH_FULL);
     }
     emit_proc(EVENT_FORK, tgid, tid, child_tgid, 0, 0);
     Some(())
@@ -73,12 +77,13 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
 
 fn try_exec(ctx: &RawTracePointContext) -> Option<()> {
     let cfg = config()?;
-    let (tgid, tid) = current();
+    let (tgid, tid) = current_ids(cfg)?;
     if !watched(cfg, tgid) {
         return None;
     }
-    let mut entry = crate::reserve::<ExecEvent>()?;
+    let mut entry = crate::reserve::<ExecEvent>(CNT_EVENT_RING_FULL)?;
     let ev = entry.as_mut_ptr();
+    // SAFETY: our own reservation; the filename is read with a probe.
     unsafe {
         (*ev).header = EventHeader {
             kind: EVENT_EXEC,
@@ -101,32 +106,61 @@ fn try_exec(ctx: &RawTracePointContext) -> Option<()> {
 /// process is gone, so any crash report for it is complete.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
-    let group_dead: u64 = ctx.arg(1);
-    if let Some(cfg) = config() {
-        let (tgid, tid) = current();
-        if unsafe { DYING.get(&tgid) }.is_some() {
-            emit_vmas(cfg, tgid, tid);
-        }
-        if group_dead & 0xff == 0 {
-            return 0;
-        }
-        if watched(cfg, tgid) {
-            let omitted = unsafe { DYING.get(&tgid) }.map_or(0, |d| d.omitted as u32);
-            let _ = DYING.remove(&tgid);
-            let _ = WATCHED.remove(&tgid);
-            emit_proc(EVENT_EXIT, tgid, tid, omitted, 0, 0);
-        }
-    }
+    let _ = try_exit(&ctx);
     0
+}
+
+fn try_exit(ctx: &RawTracePointContext) -> Option<()> {
+    let cfg = config()?;
+    let (tgid, tid) = current_ids(cfg)?;
+    // SAFETY: the value is copied out at once.
+    let dying = unsafe { DYING.get(&tgid) }.copied();
+    if dying.is_some() {
+        emit_vmas(cfg, tgid, tid);
+    }
+    if ctx.arg::<u64>(1) & 0xff == 0 {
+        return None; // not the last thread
+    }
+    if dying.is_none() && !watched(cfg, tgid) {
+        return None;
+    }
+    let _ = DYING.remove(&tgid);
+    let _ = WATCHED.remove(&tgid);
+    let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
+        // Without the exit record userspace still reports a death it saw
+        // a thread of (after a stall); one it saw nothing of is lost whole.
+        match dying {
+            Some(d) if d.threads == 0 => count(CNT_REPORT_RING_FULL),
+            _ => count(CNT_EVENT_RING_FULL),
+        }
+        return None;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: our own reservation, every field written before submit.
+    unsafe {
+        (*ev).header = EventHeader {
+            kind: EVENT_EXIT,
+            len: size_of::<ExitEvent>() as u32,
+        };
+        (*ev).ktime_ns = bpf_ktime_get_ns();
+        (*ev).pid = tgid;
+        (*ev).tid = tid;
+        (*ev).was_dying = dying.is_some() as u32;
+        (*ev)._pad = 0;
+        (*ev).dying = dying.unwrap_or_default();
+    }
+    entry.submit(0);
+    Some(())
 }
 
 /// A thread of a dying process is exiting, its mm still in place: find
 /// the mappings its stack points into (see vma.rs for why not earlier).
 fn emit_vmas(cfg: &Config, tgid: u32, tid: u32) {
-    let Some(mut entry) = crate::reserve::<VmaEvent>() else {
+    let Some(mut entry) = crate::reserve::<VmaEvent>(CNT_EVENT_RING_FULL) else {
         return;
     };
     let ev = entry.as_mut_ptr();
+    // SAFETY: our own reservation; registers are read with probes.
     unsafe {
         (*ev).header = EventHeader {
             kind: EVENT_VMAS,
@@ -175,7 +209,7 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Option<()> {
         return None;
     }
     let cfg = config()?;
-    let (tgid, tid) = current();
+    let (tgid, tid) = current_ids(cfg)?;
     if !watched(cfg, tgid) {
         return None;
     }
@@ -214,7 +248,7 @@ pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
 fn try_generate(ctx: &RawTracePointContext) -> Option<()> {
     let cfg = config()?;
     let sig = ctx.arg::<u64>(0) as u32;
-    if sig == 0 || sig >= 64 || cfg.signal_mask & (1u64 << sig) == 0 {
+    if sig == 0 || sig >= 64 || (cfg.signal_mask | cfg.on_signal_mask) & (1u64 << sig) == 0 {
         return None;
     }
     if (COREDUMP | HARMLESS_DEFAULT) & (1u64 << sig) != 0 || ctx.arg::<u64>(4) as u32 != 0 {
@@ -222,10 +256,12 @@ fn try_generate(ctx: &RawTracePointContext) -> Option<()> {
     }
     let task: *const u8 = ctx.arg(2);
     let o = &cfg.offsets;
-    let tgid = unsafe { read_at::<u32>(task, o.task_tgid) }?;
+    // SAFETY: probe reads of the target task.
+    let (tgid, target_tid) = unsafe { task_ids(cfg, task) }?;
     if !watched(cfg, tgid) {
         return None;
     }
+    // SAFETY: probe reads of the target's signal handlers.
     let sighand = unsafe { read_at::<*const u8>(task, o.task_sighand) }?;
     let slot = o.sighand_action + (sig - 1) * o.k_sigaction_size;
     if unsafe { read_at::<u64>(sighand, slot) }? != SIG_DFL {
@@ -235,12 +271,12 @@ fn try_generate(ctx: &RawTracePointContext) -> Option<()> {
     // SEND_SIG_NOINFO (0) is a user kill; SEND_SIG_PRIV (1) the kernel's.
     let code = match info as usize {
         0 => 0,
-        1 => 0x80,
-        _ => unsafe { read_at::<i32>(info, 8) }.unwrap_or(0),
+        1 => SI_KERNEL,
+        // SAFETY: a probe read of the siginfo being sent.
+        _ => unsafe { read_at::<i32>(info, SI_CODE_OFF as u32) }.unwrap_or(0),
     };
-    mark_dying(tgid);
-    let (sender, _) = current();
-    let target_tid = unsafe { read_at::<u32>(task, o.task_pid) }.unwrap_or(0);
+    begin_dying(cfg, task, tgid, sig, code);
+    let sender = current_ids(cfg).map_or(0, |(p, _)| p);
     emit_proc(
         EVENT_KILLED,
         tgid,
@@ -250,13 +286,6 @@ fn try_generate(ctx: &RawTracePointContext) -> Option<()> {
         code as i64 as u64,
     );
     Some(())
-}
-
-/// Marks `tgid` as dying of something reported, so its threads are
-/// captured as they take the group-exit SIGKILL. An existing mark (a
-/// fault already being reported) is kept.
-fn mark_dying(tgid: u32) {
-    let _ = DYING.insert(&tgid, &Dying::default(), BPF_NOEXIST as u64);
 }
 
 /// `mark_victim(task, uid)`: the OOM killer has sent SIGKILL to a
@@ -270,12 +299,12 @@ pub fn mark_victim(ctx: RawTracePointContext) -> i32 {
 fn try_oom(ctx: &RawTracePointContext) -> Option<()> {
     let cfg = config()?;
     let task: *const u8 = ctx.arg(0);
-    let tgid = unsafe { read_at::<u32>(task, cfg.offsets.task_tgid) }?;
+    // SAFETY: probe reads of the victim task.
+    let (tgid, tid) = unsafe { task_ids(cfg, task) }?;
     if !watched(cfg, tgid) {
         return None;
     }
-    mark_dying(tgid);
-    let tid = unsafe { read_at::<u32>(task, cfg.offsets.task_pid) }.unwrap_or(0);
-    emit_proc(EVENT_OOM, tgid, tid, 9, 0, 0);
+    begin_dying(cfg, task, tgid, SIGKILL, SI_KERNEL);
+    emit_proc(EVENT_OOM, tgid, tid, SIGKILL, 0, 0);
     Some(())
 }

@@ -17,6 +17,9 @@ const HEADER_LEN: usize = 24;
 const KIND_INT: u8 = 1;
 const KIND_STRUCT: u8 = 4;
 const KIND_UNION: u8 = 5;
+const KIND_PTR: u8 = 2;
+const KIND_TYPEDEF: u8 = 8;
+const KIND_FUNC_PROTO: u8 = 13;
 /// typedef, volatile, const, restrict, type_tag: no layout of their own.
 const MODIFIERS: [u8; 5] = [8, 9, 10, 11, 18];
 
@@ -42,6 +45,14 @@ pub enum BtfError {
         "cannot walk into '{member}' of struct {struct_name}: it is not an embedded struct or union"
     )]
     NotEmbedded { struct_name: String, member: String },
+    #[error(
+        "kernel too old: rfh-trace needs the tracepoint {tracepoint} with at least {args} arguments ({what})"
+    )]
+    KernelTooOld {
+        tracepoint: &'static str,
+        args: u32,
+        what: &'static str,
+    },
     #[error("member '{member}' of struct {struct_name} is a bitfield and has no byte offset")]
     Bitfield { struct_name: String, member: String },
 }
@@ -58,6 +69,8 @@ struct Type {
     /// This type's members within `Btf::members`: one shared vector
     /// instead of tens of thousands of small ones keeps parsing fast.
     members: std::ops::Range<u32>,
+    /// Entries after the header: members, enumerators, parameters.
+    vlen: u32,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -76,6 +89,8 @@ pub struct Btf {
     types: Vec<Type>,
     members: Vec<Member>,
     composites: HashMap<String, u32>,
+    /// `btf_trace_<tracepoint>` typedefs: the raw tracepoints' prototypes.
+    tracepoints: HashMap<String, u32>,
 }
 
 /// Native-endian: the running kernel writes BTF in its own byte order, and
@@ -118,6 +133,7 @@ impl Btf {
             types: vec![Type::default()],
             members: Vec::new(),
             composites: HashMap::new(),
+            tracepoints: HashMap::new(),
         };
         let types = section(data, type_off, type_len, "type section")?;
         let mut pos = 0;
@@ -128,6 +144,11 @@ impl Btf {
                 // really differ between compilation units; take the first.
                 let name = btf.str_at(ty.name_off)?.to_owned();
                 btf.composites.entry(name).or_insert(btf.types.len() as u32);
+            } else if ty.kind == KIND_TYPEDEF && ty.name_off != 0 {
+                if let Some(tp) = btf.str_at(ty.name_off)?.strip_prefix("btf_trace_") {
+                    let tp = tp.to_owned();
+                    btf.tracepoints.insert(tp, btf.types.len() as u32);
+                }
             }
             btf.types.push(ty);
         }
@@ -178,6 +199,7 @@ impl Btf {
             name_off,
             size_or_type,
             members: first..self.members.len() as u32,
+            vlen: vlen as u32,
         })
     }
 
@@ -281,6 +303,56 @@ impl Btf {
     pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
         Ok(self.ty(self.lookup(name)?)?.size_or_type)
     }
+
+    /// How many arguments raw tracepoint `name` passes (its
+    /// `btf_trace_<name>` prototype, minus the leading `void *data`), or
+    /// None when the kernel has no such tracepoint.
+    pub fn tracepoint_args(&self, name: &str) -> Option<u32> {
+        let typedef = self.ty(*self.tracepoints.get(name)?).ok()?;
+        let ptr = self.ty(typedef.size_or_type).ok()?;
+        let proto = self.ty(ptr.size_or_type).ok()?;
+        (ptr.kind == KIND_PTR && proto.kind == KIND_FUNC_PROTO)
+            .then(|| proto.vlen.saturating_sub(1))
+    }
+}
+
+/// The raw tracepoints the probes attach to, the arguments they read,
+/// and what needs them: checked before loading, so an old kernel gets a
+/// sentence instead of a verifier log.
+const TRACEPOINTS: [(&str, u32, &str); 6] = [
+    ("signal_deliver", 3, "crash capture; Linux 4.x and later"),
+    (
+        "signal_generate",
+        5,
+        "kills from outside; Linux 4.x and later",
+    ),
+    ("sched_process_fork", 2, "following children"),
+    (
+        "sched_process_exec",
+        3,
+        "exec tracking; Linux 3.4 and later",
+    ),
+    (
+        "sched_process_exit",
+        2,
+        "its group_dead argument, Linux 6.x; older kernels cannot tell the last thread",
+    ),
+    ("mark_victim", 1, "OOM kills"),
+];
+
+/// Fails with `KernelTooOld` when a tracepoint the probes use is missing
+/// or passes fewer arguments than they read.
+pub fn check_tracepoints(btf: &Btf) -> Result<(), BtfError> {
+    for (tracepoint, args, what) in TRACEPOINTS {
+        if btf.tracepoint_args(tracepoint).is_none_or(|n| n < args) {
+            return Err(BtfError::KernelTooOld {
+                tracepoint,
+                args,
+                what,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Every kernel offset the probes use, from the running kernel's layouts.
@@ -311,6 +383,10 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         binprm_filename: m("linux_binprm", "filename")?,
         task_comm: m("task_struct", "comm")?,
         task_state: m("task_struct", "__state")?,
+        task_signal: m("task_struct", "signal")?,
+        signal_nr_threads: m("signal_struct", "nr_threads")?,
+        upid_ns: m("upid", "ns")?,
+        pidns_inum: m("pid_namespace", "ns.inum")?,
     })
 }
 
@@ -328,7 +404,9 @@ mod tests {
             r => r.unwrap(),
         };
         let o = kernel_offsets(&btf).unwrap();
-        println!("{o:#?}");
+        check_tracepoints(&btf).unwrap();
+        assert_eq!(btf.tracepoint_args("signal_deliver"), Some(3));
+        assert_eq!(btf.tracepoint_args("no_such_tracepoint"), None);
         assert_eq!(o.upid_size, 16);
         assert!(o.pid_numbers > o.pid_level);
         assert_eq!(o.task_tgid, o.task_pid + 4);

@@ -4,11 +4,11 @@
 //! Nothing is pinned: every program and map lives only as long as this
 //! process's file descriptors, so Ctrl-C or `kill -9` detaches everything.
 
-use std::{io::Read, os::fd::AsRawFd, time::Duration};
+use std::{fs::File, os::fd::AsRawFd, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         Iter, PerfEvent, RawTracePoint,
         perf_event::{
@@ -16,7 +16,9 @@ use aya::{
         },
     },
 };
-use faulthandler_common::{CFG_ALL, CFG_FOLLOW, Config, KernelOffsets, STACK_MAX};
+use faulthandler_common::{
+    CFG_ALL, CFG_FOLLOW, COUNTERS, Config, DumpCtl, Dying, KernelOffsets, STACK_MAX,
+};
 use thiserror::Error;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/faulthandler"));
@@ -68,6 +70,7 @@ pub struct CaptureOptions {
     pub all: bool,
     pub follow: bool,
     pub signal_mask: u64,
+    pub on_signal_mask: u64,
     pub stack_size: u32,
     pub max_threads: u32,
     /// Attach the signal and process-lifecycle tracepoints (everything
@@ -143,8 +146,9 @@ impl Capture {
             flags: if opts.all { CFG_ALL } else { 0 } | if opts.follow { CFG_FOLLOW } else { 0 },
             stack_size: opts.stack_size.min(STACK_MAX as u32),
             signal_mask: opts.signal_mask,
+            on_signal_mask: opts.on_signal_mask,
             max_threads: opts.max_threads,
-            _pad: 0,
+            view_ns_inum: view_ns_inum(),
             offsets: offsets()?,
         };
         let mut cfg: Array<_, Config> =
@@ -157,51 +161,48 @@ impl Capture {
         })
     }
 
-    fn set_dump_target(&mut self, tgid: u32) -> Result<(), CaptureError> {
-        let mut target: Array<_, u32> = Array::try_from(map(&mut self.ebpf, "DUMP_TARGET")?)
-            .map_err(map_error("DUMP_TARGET"))?;
-        target.set(0, tgid, 0).map_err(map_error("DUMP_TARGET"))
-    }
-
-    /// Runs the task iterator over `tgid`'s threads: one dump record per
-    /// thread lands in the ring buffer before this returns.
-    /// Each record is handed to `f` as it arrives: a process with more
-    /// threads than the ring buffer holds is drained while the iterator
-    /// runs on another thread.
-    pub fn dump(&mut self, tgid: u32, mut f: impl FnMut(&[u8])) -> Result<(), CaptureError> {
-        self.set_dump_target(tgid)?;
+    /// Starts a dump of `tgid`'s threads: the returned file runs the task
+    /// iterator as it is read (see `read_iterator`). Records arrive in the
+    /// ring stamped with `seq`; `dump_ctl` tells how many were written.
+    pub fn start_dump(&mut self, tgid: u32, seq: u32) -> Result<File, CaptureError> {
+        let ctl = DumpCtl {
+            target: tgid,
+            seq,
+            emitted: 0,
+            retries: 0,
+        };
+        self.set_dump_ctl(ctl)?;
         let iter: &mut Iter = program(&mut self.ebpf, "dump_task")?;
         let link_id = iter.attach().map_err(program_error("dump_task"))?;
         let link = iter
             .take_link(link_id)
             .map_err(program_error("dump_task"))?;
-        let mut file = link
-            .into_file()
-            .map_err(|e| CaptureError::Iter(e.to_string()))?;
-        let events = &mut self.events;
-        std::thread::scope(|scope| {
-            // Reading the iterator runs it; the program writes nothing here.
-            let run = scope.spawn(move || file.read_to_end(&mut Vec::new()));
-            while !run.is_finished() {
-                while let Some(item) = events.next() {
-                    f(&item);
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            while let Some(item) = events.next() {
-                f(&item);
-            }
-            match run.join() {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(CaptureError::Iter(e.to_string())),
-                Err(_) => Err(CaptureError::Iter("the iterator thread panicked".into())),
-            }
-        })
+        link.into_file()
+            .map_err(|e| CaptureError::Iter(e.to_string()))
     }
 
-    /// Samples each of `tids` on the CPU clock for `span`: threads that
-    /// were running when dumped are caught in their own context.
-    pub fn sample_threads(&mut self, tids: &[u32], span: Duration) -> Result<(), CaptureError> {
+    fn set_dump_ctl(&mut self, ctl: DumpCtl) -> Result<(), CaptureError> {
+        let mut m: Array<_, DumpCtl> =
+            Array::try_from(map(&mut self.ebpf, "DUMP_CTL")?).map_err(map_error("DUMP_CTL"))?;
+        m.set(0, ctl, 0).map_err(map_error("DUMP_CTL"))
+    }
+
+    /// The counts of the last dump iteration.
+    pub fn dump_ctl(&mut self) -> Result<DumpCtl, CaptureError> {
+        let m: Array<_, DumpCtl> =
+            Array::try_from(map(&mut self.ebpf, "DUMP_CTL")?).map_err(map_error("DUMP_CTL"))?;
+        m.get(&0, 0).map_err(map_error("DUMP_CTL"))
+    }
+
+    /// Ends a dump: nothing is the sampler's or the iterator's target.
+    pub fn end_dump(&mut self) -> Result<(), CaptureError> {
+        self.set_dump_ctl(DumpCtl::default())
+    }
+
+    /// Starts sampling each of `tids` on the CPU clock every millisecond:
+    /// threads that were running when dumped are caught in their own
+    /// context. Stop with `stop_sampling`.
+    pub fn sample_threads(&mut self, tids: &[u32]) -> Result<Vec<PerfEventLinkId>, CaptureError> {
         let prog: &mut PerfEvent = program(&mut self.ebpf, "sample")?;
         let mut links = Vec::new();
         for &tid in tids {
@@ -218,7 +219,11 @@ impl Capture {
                 links.push(l);
             }
         }
-        std::thread::sleep(span);
+        Ok(links)
+    }
+
+    pub fn stop_sampling(&mut self, links: Vec<PerfEventLinkId>) -> Result<(), CaptureError> {
+        let prog: &mut PerfEvent = program(&mut self.ebpf, "sample")?;
         for l in links {
             let _ = prog.detach(l);
         }
@@ -241,6 +246,25 @@ impl Capture {
             self.profiling.push(l);
         }
         Ok(())
+    }
+
+    /// The drop counters by cause (`CNT_*`), summed over CPUs, as running
+    /// totals since the programs were loaded.
+    pub fn drops(&mut self) -> Result<[u64; COUNTERS as usize], CaptureError> {
+        let m: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map(&mut self.ebpf, "DROPS")?).map_err(map_error("DROPS"))?;
+        let mut out = [0u64; COUNTERS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let values = m.get(&(i as u32), 0).map_err(map_error("DROPS"))?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// The kernel's counts for a process that is dying, while it dies.
+    pub fn dying(&mut self, tgid: u32) -> Option<Dying> {
+        let m: HashMap<_, u32, Dying> = HashMap::try_from(self.ebpf.map_mut("DYING")?).ok()?;
+        m.get(&tgid, 0).ok()
     }
 
     /// Adds a process to the in-kernel watch set.
@@ -311,4 +335,37 @@ fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, CaptureError> {
     ebpf.map_mut(name).ok_or(CaptureError::MissingMap(name))
+}
+
+/// The inode number of rfh-trace's PID namespace, or 0 for the host's
+/// (`PROC_PID_INIT_INO`), where the kernel side takes the fast path.
+fn view_ns_inum() -> u32 {
+    const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata("/proc/self/ns/pid") {
+        Ok(m) if m.ino() != PROC_PID_INIT_INO => m.ino() as u32,
+        _ => 0,
+    }
+}
+
+/// Runs a dump iteration to its end. The program asks to retry a thread
+/// when the ring is full (read fails with EAGAIN, and the next read
+/// starts again at that thread), so nothing is lost while the caller
+/// drains the ring on another thread.
+pub fn read_iterator(mut file: File, stop: &std::sync::atomic::AtomicBool) -> std::io::Result<()> {
+    use std::io::{ErrorKind, Read};
+    let mut buf = [0u8; 64];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }

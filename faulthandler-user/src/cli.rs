@@ -85,6 +85,12 @@ pub struct Cli {
     #[arg(long)]
     pub no_follow: bool,
 
+    /// Write "READY=1\n" to this file descriptor (then close it) once the
+    /// probes are attached and the watch is in place; READY=1 also goes to
+    /// $NOTIFY_SOCKET when it is set.
+    #[arg(long, value_name = "FD")]
+    pub ready_fd: Option<i32>,
+
     /// Command to run under watch; rfh-trace exits with its status.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,

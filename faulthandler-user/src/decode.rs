@@ -5,7 +5,7 @@ use std::mem::size_of;
 
 use faulthandler_common::{
     EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_KILLED, EVENT_MMAP, EVENT_OOM, EVENT_SIGNAL,
-    EVENT_VMAS, EventHeader, ExecEvent, ProcEvent, STACK_MAX, SignalEvent, VmaEvent,
+    EVENT_VMAS, EventHeader, ExecEvent, ExitEvent, ProcEvent, STACK_MAX, SignalEvent, VmaEvent,
 };
 use thiserror::Error;
 
@@ -20,7 +20,7 @@ pub enum DecodeError {
 }
 
 /// A signal event and the stack bytes that followed it.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct SignalCapture {
     pub event: SignalEvent,
     pub stack: Vec<u8>,
@@ -31,7 +31,7 @@ pub enum Event {
     Exec(ExecEvent),
     Mmap(ProcEvent),
     Fork(ProcEvent),
-    Exit(ProcEvent),
+    Exit(ExitEvent),
     Killed(ProcEvent),
     Oom(ProcEvent),
     Vmas(Box<VmaEvent>),
@@ -84,15 +84,18 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             need(size_of::<ExecEvent>())?;
             Ok(Event::Exec(read(bytes)))
         }
-        EVENT_MMAP | EVENT_FORK | EVENT_EXIT | EVENT_KILLED | EVENT_OOM => {
+        EVENT_EXIT => {
+            need(size_of::<ExitEvent>())?;
+            Ok(Event::Exit(read(bytes)))
+        }
+        EVENT_MMAP | EVENT_FORK | EVENT_KILLED | EVENT_OOM => {
             need(size_of::<ProcEvent>())?;
             let ev: ProcEvent = read(bytes);
             Ok(match header.kind {
                 EVENT_MMAP => Event::Mmap(ev),
                 EVENT_FORK => Event::Fork(ev),
                 EVENT_KILLED => Event::Killed(ev),
-                EVENT_OOM => Event::Oom(ev),
-                _ => Event::Exit(ev),
+                _ => Event::Oom(ev),
             })
         }
         k => Err(DecodeError::Kind(k)),
@@ -111,6 +114,7 @@ mod tests {
     use faulthandler_common::{REG_SP, SignalRecord};
 
     fn as_bytes<T>(v: &T) -> &[u8] {
+        // SAFETY: any initialized value can be viewed as its bytes.
         unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
     }
 

@@ -1,18 +1,31 @@
+//! rfh-trace: crash reports for any process, from the outside.
+//!
+//! The pipeline, stage by stage: capture (eBPF programs and the ring) →
+//! decode → assemble (crash rules) → workers: unwind → symbolize → report
+//! → sink. `watch` is the event loop that owns the capture; `run` holds
+//! the modes on top.
+
+pub mod assemble;
 pub mod btf;
 pub mod capture;
 pub mod cli;
 pub mod decode;
 pub mod diag;
 pub mod dumps;
+pub mod escape;
+pub mod losses;
 pub mod modules;
 pub mod output;
 pub mod pipeline;
 pub mod procs;
 pub mod profile;
+pub mod ready;
 pub mod report;
 pub mod run;
 pub mod signals;
+pub mod sink;
 pub mod spawn;
 pub mod symbolize;
 pub mod unwind;
 pub mod watch;
+pub mod workers;

@@ -1,7 +1,22 @@
 //! What a process had mapped: the executable file mappings that unwinding
 //! and symbolization need, captured while the process was alive.
 
-use std::path::PathBuf;
+use std::{fs::File, path::PathBuf, sync::Arc};
+
+/// Keeps a module's file open for as long as a report that needs it is
+/// being made: `open_path` is often `/proc/self/fd/N`, and the tracker may
+/// close its handle (the process died, the cache was trimmed) meanwhile.
+#[derive(Clone, Debug)]
+pub struct FileHold(pub Arc<File>);
+
+/// Two holds are the same when they keep the same open file.
+impl PartialEq for FileHold {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for FileHold {}
 
 /// One executable, file-backed mapping of a process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,6 +34,8 @@ pub struct Module {
     pub file_offset: u64,
     /// GNU build-id, when the file has one.
     pub build_id: Option<Vec<u8>>,
+    /// The open file behind `open_path`, when it is one of ours.
+    pub hold: Option<FileHold>,
 }
 
 impl Module {

@@ -1,21 +1,35 @@
-//! One captured thread through unwind and symbolize, into a report thread.
+//! Unwind and symbolize: captured threads into report threads.
 
 use faulthandler_common::{REG_BP, REG_IP, REG_SP, SIG_F_HAS_REGS};
 
 use crate::{
+    assemble::SigFrameInfo,
     decode::{SignalCapture, c_str},
-    modules::Module,
-    procs::Tracker,
-    report::Thread,
+    modules::{self, Module},
+    report::{Frame, Thread},
     symbolize::Symbolizer,
     unwind::{Method, Regs, StackCopy, Unwinder},
 };
+
+/// One thread to unwind, with the modules of its process at the time.
+pub struct ThreadInput<'a> {
+    pub cap: &'a SignalCapture,
+    pub current: bool,
+    pub modules: &'a [Module],
+}
 
 /// Long-lived, so parsed unwind tables and DWARF are reused across reports.
 pub struct Pipeline {
     unwinder: Unwinder,
     symbolizer: Symbolizer,
     max_frames: usize,
+}
+
+/// The threads of a report, and the siginfo of the innermost signal frame
+/// on the current thread's stack (a handler that re-raised).
+pub struct Unwound {
+    pub threads: Vec<Thread>,
+    pub sigframe: Option<SigFrameInfo>,
 }
 
 impl Pipeline {
@@ -38,72 +52,56 @@ impl Pipeline {
             sp: 0,
             bp: 0,
         };
-        let _ = self.unwinder.unwind(
-            &regs,
-            &StackCopy {
-                base: 0,
-                bytes: &[],
-            },
-            modules,
-            1,
-        );
-    }
-
-    pub fn thread(&mut self, tracker: &Tracker, s: &SignalCapture, current: bool) -> Thread {
-        self.threads(tracker, &[(s, current)])
-            .pop()
-            .unwrap_or_default()
+        let empty = StackCopy {
+            base: 0,
+            bytes: &[],
+        };
+        let _ = self.unwinder.unwind(&regs, &empty, modules, 1);
     }
 
     /// Several threads of one report: unwound one by one, then the
     /// addresses of all that share the same modules symbolized in one batch.
-    pub fn threads(&mut self, tracker: &Tracker, caps: &[(&SignalCapture, bool)]) -> Vec<Thread> {
-        let mut threads = Vec::with_capacity(caps.len());
-        let mut pending: Vec<(usize, Vec<u64>, Vec<Module>)> = Vec::new();
-        for (i, &(s, current)) in caps.iter().enumerate() {
-            let (thread, unwound) = self.unwind(tracker, s, current);
+    pub fn threads(&mut self, inputs: &[ThreadInput<'_>]) -> Unwound {
+        let mut threads = Vec::with_capacity(inputs.len());
+        let mut pending: Vec<(usize, Vec<u64>, &[Module])> = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            let (thread, addrs) = self.unwind(input);
             threads.push(thread);
-            if let Some(u) = unwound {
-                pending.push((i, u.0, u.1));
+            if let Some(addrs) = addrs {
+                pending.push((i, addrs, input.modules));
             }
         }
         while !pending.is_empty() {
-            let modules = pending[0].2.clone();
+            let modules = pending[0].2;
             let (same, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|p| p.2 == modules);
             pending = rest;
             let stacks: Vec<&[u64]> = same.iter().map(|p| p.1.as_slice()).collect();
-            for ((i, _, _), frames) in same
-                .iter()
-                .zip(self.symbolizer.symbolize_stacks(&stacks, &modules))
-            {
-                threads[*i].frames = frames;
+            let symbolized = self.symbolizer.symbolize_stacks(&stacks, modules);
+            for ((i, _, _), frames) in same.iter().zip(symbolized) {
+                threads[*i].frames = frames.into_iter().map(Frame::Native).collect();
             }
         }
-        threads
+        Unwound {
+            threads,
+            sigframe: None,
+        }
     }
 
-    /// The thread without its frames yet, and the addresses to symbolize
-    /// with the modules they belong to.
-    fn unwind(
-        &mut self,
-        tracker: &Tracker,
-        s: &SignalCapture,
-        current: bool,
-    ) -> (Thread, Option<(Vec<u64>, Vec<Module>)>) {
+    /// The thread without its frames yet, and the addresses to symbolize.
+    fn unwind(&mut self, input: &ThreadInput<'_>) -> (Thread, Option<Vec<u64>>) {
+        let (s, modules) = (input.cap, input.modules);
         let ev = &s.event;
         let mut t = Thread {
             tid: ev.tid,
             ns_tid: (ev.ns_tid != 0 && ev.ns_tid != ev.tid).then_some(ev.ns_tid),
             name: c_str(&ev.comm),
-            current,
+            current: input.current,
             ..Default::default()
         };
         if ev.flags & SIG_F_HAS_REGS == 0 {
             t.error = Some("the kernel did not give this thread's user registers".into());
             return (t, None);
         }
-        let nvmas = (ev.nvmas as usize).min(ev.vmas.len());
-        let modules = tracker.modules_for(ev.pid, &ev.vmas[..nvmas]);
         let regs = Regs {
             ip: ev.regs[REG_IP],
             sp: ev.regs[REG_SP],
@@ -115,13 +113,22 @@ impl Pipeline {
         };
         let mut unwound = self
             .unwinder
-            .unwind(&regs, &stack, &modules, self.max_frames);
+            .unwind(&regs, &stack, modules, self.max_frames);
         // No stack bytes at all (the copy faulted): the kernel's
-        // frame-pointer walk is all there is.
+        // frame-pointer walk is all there is. Its words were read from
+        // memory the process controls, so only those inside its code are
+        // frames: a planted frame chain must not print memory contents.
         let fp_len = (ev.fp_len as usize).min(ev.fp.len());
         if unwound.addrs.len() <= 1 && fp_len > 1 {
-            unwound.addrs = ev.fp[..fp_len].to_vec();
-            unwound.method = Method::FramePointer;
+            let chain = &ev.fp[..fp_len];
+            let in_code = chain[1..]
+                .iter()
+                .take_while(|&&a| modules::find(modules, a).is_some())
+                .count();
+            if in_code > 0 {
+                unwound.addrs = chain[..=in_code].to_vec();
+                unwound.method = Method::FramePointer;
+            }
         }
         t.truncated = unwound.truncated;
         t.unwind = Some(unwound.method.as_str());
@@ -132,6 +139,6 @@ impl Pipeline {
                 ev.stack_err
             ));
         }
-        (t, Some((unwound.addrs, modules)))
+        (t, Some(unwound.addrs))
     }
 }

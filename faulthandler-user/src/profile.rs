@@ -12,7 +12,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-use serde_json::json;
+use serde::Serialize;
 
 use crate::report::Frame;
 
@@ -48,6 +48,50 @@ impl Entry {
     }
 }
 
+/// The report's `profile`: the most frequent stacks (see
+/// [`Profile::summary`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProfileSummary {
+    pub samples: u64,
+    pub top: Vec<TopStack>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TopStack {
+    pub count: u64,
+    pub percent: f64,
+    pub thread: String,
+    /// Innermost first, each with the file:line of its most frequent variant.
+    pub frames: Vec<String>,
+    /// The bare function names, for the text form.
+    #[serde(skip)]
+    pub names: Vec<String>,
+}
+
+impl ProfileSummary {
+    /// Text block for the text report: `CPU profile (N samples):` then one
+    /// line per stack, `  12.5%  (25) thread: f <- g <- h` (innermost first).
+    pub fn to_text(&self) -> String {
+        let mut out = format!(
+            "CPU profile ({} sample{}):\n",
+            self.samples,
+            if self.samples == 1 { "" } else { "s" }
+        );
+        for t in &self.top {
+            let chain = if t.names.is_empty() {
+                "(no frames)".to_string()
+            } else {
+                t.names.join(" <- ")
+            };
+            out.push_str(&format!(
+                "  {:.1}%  ({}) {}: {}\n",
+                t.percent, t.count, t.thread, chain
+            ));
+        }
+        out
+    }
+}
+
 /// CPU samples aggregated by stack: folded stacks → count.
 #[derive(Debug, Default)]
 pub struct Profile {
@@ -58,9 +102,13 @@ pub struct Profile {
 /// A frame's name in profiles: its function, or `?? (module file name)`
 /// (`??` alone when the module is unknown too).
 fn frame_name(f: &Frame) -> String {
-    match f.function.as_deref().filter(|s| !s.is_empty()) {
+    match f.function().filter(|s| !s.is_empty()) {
         Some(func) => func.to_string(),
-        None => match f.module.as_deref().filter(|s| !s.is_empty()) {
+        None => match f
+            .native()
+            .and_then(|n| n.module.as_deref())
+            .filter(|s| !s.is_empty())
+        {
             Some(module) => {
                 let base = module.rsplit('/').next().unwrap_or(module);
                 format!("?? ({base})")
@@ -106,7 +154,10 @@ impl Profile {
         };
         let places: Vec<Place> = frames
             .iter()
-            .map(|f| f.file.clone().map(|file| (file, f.line)))
+            .map(|f| match f {
+                Frame::Native(n) => n.file.clone().map(|file| (file, n.line)),
+                Frame::Python(p) => Some((p.file.clone(), p.line)),
+            })
             .collect();
         let entry = self.stacks.entry(key).or_default();
         entry.count += 1;
@@ -172,14 +223,14 @@ impl Profile {
     /// `function` is `??` or `?? (module file name)` when unknown. The
     /// `file:line` are those of the stack's most frequent variant (samples
     /// in the same functions at other lines count in the same entry).
-    pub fn to_json(&self, n: usize) -> serde_json::Value {
-        let top: Vec<serde_json::Value> = self
+    pub fn summary(&self, n: usize) -> ProfileSummary {
+        let top = self
             .sorted()
             .into_iter()
             .take(n)
             .map(|(s, e)| {
                 let places = e.best_places();
-                let frames: Vec<String> = s
+                let frames = s
                     .names
                     .iter()
                     .enumerate()
@@ -191,41 +242,19 @@ impl Profile {
                         },
                     )
                     .collect();
-                json!({
-                    "count": e.count,
-                    "percent": percent(e.count, self.samples),
-                    "thread": s.thread,
-                    "frames": frames,
-                })
+                TopStack {
+                    count: e.count,
+                    percent: percent(e.count, self.samples),
+                    thread: s.thread.clone(),
+                    frames,
+                    names: s.names.clone(),
+                }
             })
             .collect();
-        json!({ "samples": self.samples, "top": top })
-    }
-
-    /// Text block for the text report, with the `n` most frequent stacks:
-    /// `CPU profile (N samples):` then one line per stack,
-    /// `  12.5%  (25) thread: f <- g <- h` (innermost first).
-    pub fn to_text(&self, n: usize) -> String {
-        let mut out = format!(
-            "CPU profile ({} sample{}):\n",
-            self.samples,
-            if self.samples == 1 { "" } else { "s" }
-        );
-        for (s, e) in self.sorted().into_iter().take(n) {
-            let chain = if s.names.is_empty() {
-                "(no frames)".to_string()
-            } else {
-                s.names.join(" <- ")
-            };
-            out.push_str(&format!(
-                "  {:.1}%  ({}) {}: {}\n",
-                percent(e.count, self.samples),
-                e.count,
-                s.thread,
-                chain
-            ));
+        ProfileSummary {
+            samples: self.samples,
+            top,
         }
-        out
     }
 
     /// The folded-stack lines of all samples (`thread;outer;...;inner N`),
@@ -347,9 +376,11 @@ fn open_truncate(path: &Path) -> io::Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::NativeFrame;
+    use serde_json::json;
 
-    fn f(name: &str, line: u32) -> Frame {
-        Frame {
+    fn native(name: &str, line: u32) -> NativeFrame {
+        NativeFrame {
             function: Some(name.to_string()),
             file: Some("/src/prog.c".to_string()),
             line: Some(line),
@@ -358,11 +389,15 @@ mod tests {
         }
     }
 
+    fn f(name: &str, line: u32) -> Frame {
+        Frame::Native(native(name, line))
+    }
+
     fn unknown(module: &str) -> Frame {
-        Frame {
+        Frame::Native(NativeFrame {
             module: Some(module.to_string()),
             ..Default::default()
-        }
+        })
     }
 
     /// 6 samples of spin<-main in "main", 3 of work<-run (work inlined)
@@ -375,9 +410,16 @@ mod tests {
             p.add("main", &[f("spin", line), f("main", 20)]);
         }
         for _ in 0..3 {
-            let mut w = f("work", 30);
+            let mut w = native("work", 30);
             w.inlined = true;
-            p.add("worker", &[w, f("run", 40), unknown("/usr/lib/libc.so.6")]);
+            p.add(
+                "worker",
+                &[
+                    Frame::Native(w),
+                    f("run", 40),
+                    unknown("/usr/lib/libc.so.6"),
+                ],
+            );
         }
         p.add("worker", &[unknown("/usr/lib/libc.so.6")]);
         p
@@ -406,7 +448,7 @@ mod tests {
     #[test]
     fn json_shape() {
         let p = sample_profile();
-        let v = p.to_json(2);
+        let v = serde_json::to_value(p.summary(2)).unwrap();
         assert_eq!(v["samples"], 10);
         let top = v["top"].as_array().unwrap();
         assert_eq!(top.len(), 2);
@@ -440,7 +482,7 @@ mod tests {
         p.add("t", &[f("a", 1)]);
         p.add("t", &[f("b", 1)]);
         p.add("t", &[f("b", 1)]);
-        let v = p.to_json(5);
+        let v = serde_json::to_value(p.summary(5)).unwrap();
         assert_eq!(v["top"][0]["percent"], 66.7);
         assert_eq!(v["top"][1]["percent"], 33.3);
     }
@@ -448,7 +490,7 @@ mod tests {
     #[test]
     fn text_block() {
         let p = sample_profile();
-        let t = p.to_text(2);
+        let t = p.summary(2).to_text();
         assert_eq!(
             t,
             "CPU profile (10 samples):\n\
@@ -464,8 +506,11 @@ mod tests {
         assert!(p.is_empty());
         assert_eq!(p.samples(), 0);
         assert!(p.top(5).is_empty());
-        assert_eq!(p.to_json(5), json!({"samples": 0, "top": []}));
-        assert_eq!(p.to_text(5), "CPU profile (0 samples):\n");
+        assert_eq!(
+            serde_json::to_value(p.summary(5)).unwrap(),
+            json!({"samples": 0, "top": []})
+        );
+        assert_eq!(p.summary(5).to_text(), "CPU profile (0 samples):\n");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("empty.svg");
         assert!(p.write_flamegraph(&path, "t").is_err());

@@ -13,11 +13,15 @@ use crate::{
     btf,
     capture::{Capture, CaptureError, CaptureOptions},
     cli::{Cli, Cmd, Format},
-    output::{self, Sink},
-    pipeline::Pipeline,
+    output,
     procs::Tracker,
-    signals, spawn,
-    watch::{STOP, WatchOptions, Watcher, stop_requested},
+    ready,
+    report::Kind,
+    signals,
+    sink::{self, Out},
+    spawn,
+    watch::{STOP, Watcher, stop_requested},
+    workers::{Job, WorkerOptions, Workers},
 };
 
 #[derive(Debug, Error)]
@@ -131,11 +135,14 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
         .map(|&p| check_pid(p))
         .collect::<Result<Vec<_>, _>>()?;
     let dumps = cli.timeout.is_some() || on_signal != 0;
-    let mut w = watcher(&cli, mask | on_signal, true, dumps, &pids)?;
-    w.on_signal = on_signal;
+    let masks = Masks {
+        signals: mask,
+        on_signal,
+    };
+    let mut w = watcher(&cli, masks, true, dumps, &pids, Out::Stderr)?;
     if cli.timeout.is_some() {
         w.capture.start_profiling(PROFILE_HZ)?;
-        w.keep_profiles(cli.flamegraph.clone());
+        w.keep_profiles();
     }
     unsafe {
         libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
@@ -154,6 +161,7 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
         }
         Mode::Pids(pids)
     };
+    ready::notify(cli.ready_fd);
     let timer = cli.timeout.map(|every| Timer {
         every,
         repeat: cli.repeat,
@@ -167,30 +175,61 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
 /// watched process well under 1%, odd so it does not beat with timers.
 const PROFILE_HZ: u64 = 49;
 
-/// Checks, the output sink, kernel offsets and the loaded programs.
+/// Which signals are reported when they kill, and which ask for a dump
+/// when survived.
+struct Masks {
+    signals: u64,
+    on_signal: u64,
+}
+
+/// Raises the open-file limit to its hard maximum: the tracker holds one
+/// descriptor per mapped file it may need later, and under `--all` that is
+/// many; running out would cost symbols silently.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out- and in-pointers to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Checks, the sink, kernel offsets, the loaded programs and the workers.
 /// `warm`: processes whose mappings, unwind tables and debug info are
 /// read while the programs load, so their first report is fast.
 fn watcher(
     cli: &Cli,
-    signal_mask: u64,
+    masks: Masks,
     watch: bool,
     dumps: bool,
     warm: &[u32],
+    default_out: Out,
 ) -> Result<Watcher, RunError> {
-    let sink = match &cli.output {
-        Some(path) => Sink::File(output::open(path)?),
-        None => Sink::Stderr,
-    };
     if !privileged() {
         return Err(RunError::NotPrivileged);
     }
+    let out = match &cli.output {
+        Some(path) => Out::File(output::open(path)?),
+        None => default_out,
+    };
+    raise_nofile();
     // Three things overlap: parsing kernel BTF for our offsets, loading
     // and verifying the programs, and warming the pipeline here.
-    let offsets = std::thread::spawn(|| btf::kernel_offsets(&btf::Btf::from_sys_fs()?));
+    let offsets = std::thread::spawn(|| {
+        let b = btf::Btf::from_sys_fs()?;
+        btf::check_tracepoints(&b)?;
+        btf::kernel_offsets(&b)
+    });
     let opts = CaptureOptions {
         all: cli.all,
         follow: !cli.no_follow,
-        signal_mask,
+        signal_mask: masks.signals,
+        on_signal_mask: masks.on_signal,
         stack_size: cli.stack_size,
         max_threads: cli.max_threads,
         watch,
@@ -204,30 +243,55 @@ fn watcher(
         })
     });
     let mut tracker = Tracker::default();
-    let mut pipeline = Pipeline::new(cli.max_frames);
+    let mut warm_modules = Vec::new();
     for &pid in warm {
         if tracker.refresh(pid).is_ok() {
-            pipeline.warm(&tracker.modules_for(pid, &[]));
+            warm_modules.push(tracker.modules_for(pid, &[]));
         }
     }
-    let capture = loading.join().map_err(|_| RunError::Panicked)??;
-    let color = cli.output.is_none()
-        && std::io::stderr().is_terminal()
-        && std::env::var_os("NO_COLOR").is_none();
-    let opts = WatchOptions {
-        json: cli.format == Format::Json,
-        color,
+    let to_terminal = match &out {
+        Out::Stderr => std::io::stderr().is_terminal(),
+        Out::Stdout => std::io::stdout().is_terminal(),
+        Out::File(_) => false,
     };
-    Ok(Watcher::new(capture, tracker, pipeline, sink, opts))
+    let format = match cli.format {
+        Format::Json => sink::Format::Json,
+        Format::Text => sink::Format::Text {
+            color: to_terminal && std::env::var_os("NO_COLOR").is_none(),
+        },
+    };
+    let workers = Workers::start(
+        vec![sink::new(format, out)],
+        WorkerOptions {
+            max_frames: cli.max_frames,
+            flamegraph: cli.flamegraph.clone(),
+            warm: warm_modules,
+        },
+    );
+    let capture = loading.join().map_err(|_| RunError::Panicked)??;
+    Ok(Watcher::new(capture, tracker, workers, masks.on_signal))
 }
 
-/// `rfh-trace dump PID`.
+/// `rfh-trace dump PID`: the dump goes to stdout, as eu-stack's and
+/// py-spy's do, so it can be piped to a pager.
 fn dump(cli: &Cli, pid: i64) -> Result<i32, RunError> {
     let pid = check_pid(pid)?;
-    let mut w = watcher(cli, 0, false, true, &[pid])?;
-    let report = w.dump_report(pid, "on_demand")?;
-    w.emit(&report);
+    let masks = Masks {
+        signals: 0,
+        on_signal: 0,
+    };
+    let mut w = watcher(cli, masks, false, true, &[pid], Out::Stdout)?;
+    let job = w.dump_job(pid, Kind::OnDemand)?;
+    w.workers.submit_wait(Job::Report(Box::new(job)));
+    finish(&mut w);
     Ok(0)
+}
+
+/// Drains the workers and says what was lost, if anything.
+fn finish(w: &mut Watcher) {
+    if let Some(summary) = w.finish() {
+        crate::diag!("{summary}");
+    }
 }
 
 enum Mode {
@@ -286,8 +350,8 @@ fn watch_loop(w: &mut Watcher, mut mode: Mode, mut timer: Option<Timer>) -> Resu
             Mode::All => w.tracker.pids(),
         };
         for pid in &targets {
-            match w.dump_report(*pid, "timeout") {
-                Ok(r) => w.emit(&r),
+            match w.dump_job(*pid, Kind::Timeout) {
+                Ok(job) => w.workers.submit_wait(Job::Report(Box::new(job))),
                 Err(e) => crate::diag!("cannot dump pid {pid}: {e}"),
             }
         }
@@ -306,7 +370,7 @@ fn watch_loop(w: &mut Watcher, mut mode: Mode, mut timer: Option<Timer>) -> Resu
     // The crash and exit events were written before the process was
     // reaped; drain them.
     w.poll(Duration::from_millis(10))?;
-    w.flush();
+    finish(w);
     Ok(match status {
         _ if timed_out => TIMED_OUT,
         None => 0,

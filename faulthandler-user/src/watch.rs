@@ -1,25 +1,21 @@
-//! The watch loop: events in, decisions about what is a crash, reports out.
+//! The event loop: owns the capture, drains the ring, keeps the process
+//! tracker current, feeds the assembler, and hands owned jobs to the
+//! workers. Nothing here unwinds, symbolizes or writes a report.
 
 use std::{
-    collections::HashMap,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
-use faulthandler_common::{
-    REG_SP, SIG_DFL, SIG_F_DUMP, SIG_F_GROUP_EXIT, SIG_F_SAMPLE, SIG_IGN, SignalEvent,
-    default_is_harmless,
-};
-
 use crate::{
+    assemble::{Assembler, Cause, Crash, Input, Killed, Output, STALL},
     capture::{Capture, CaptureError},
     decode::{Event, SignalCapture, c_str, decode},
-    output::Sink,
-    pipeline::Pipeline,
+    dumps::Collector,
+    losses::{Losses, UserDrops},
     procs::{Tracker, container_id},
-    profile::Profile,
-    report::{self, Process, Report, Signal},
-    signals,
+    report::{Kind, LossRecord, Process, rfc3339},
+    workers::{Job, ReportJob, ThreadJob, Workers},
 };
 
 /// Set by SIGINT/SIGTERM handlers; the loop checks it between polls.
@@ -29,124 +25,73 @@ pub fn stop_requested() -> bool {
     STOP.load(Ordering::Relaxed)
 }
 
-const SIGKILL: i32 = 9;
-const SI_KERNEL: i32 = 0x80;
-
-/// How long a dying process may go without another of its threads dying
-/// (a thread stuck in uninterruptible sleep) before its report goes out
-/// with the threads captured so far. Measured from the latest thread, so
-/// a thousand threads dying slowly on a loaded machine are not cut short.
-const DYING_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The kernel's account of a death that was not delivered as a signal to
-/// one thread: a group-wide kill, or the OOM killer.
-struct Killed {
-    sig: i32,
-    code: i32,
-    sender: u32,
-    tid: u32,
-    ktime_ns: u64,
-    oom: bool,
-}
-
-/// A watched process that is dying of a reported signal; its report is
-/// written once the last thread has gone.
-struct Dying {
-    /// The thread that took the fatal signal.
-    primary: Option<Box<SignalCapture>>,
-    handled: bool,
-    killed: Option<Killed>,
-    /// Every other thread, captured at its group-exit SIGKILL.
-    siblings: Vec<Box<SignalCapture>>,
-    /// When the latest record of this death arrived.
-    since: Instant,
-}
-
-impl Dying {
-    fn new() -> Self {
-        Self {
-            primary: None,
-            handled: false,
-            killed: None,
-            siblings: Vec::new(),
-            since: Instant::now(),
-        }
-    }
-}
-
-pub struct WatchOptions {
-    pub json: bool,
-    pub color: bool,
-}
-
 pub struct Watcher {
     pub capture: Capture,
     pub tracker: Tracker,
-    pipeline: Pipeline,
-    sink: Sink,
-    json: bool,
-    color: bool,
-    /// Per process: the last fault its own handler took. If the process
-    /// then dies of the same signal (a re-raise, or the fault recurring
-    /// after SA_RESETHAND), this is the stack worth reporting.
-    pending: HashMap<u32, Box<SignalCapture>>,
-    dying: HashMap<u32, Dying>,
-    lost: u64,
+    assembler: Assembler,
+    pub(crate) workers: Workers,
+    losses: Losses,
+    decode_failed: u64,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, to date kernel timestamps.
     wall_offset_ns: i128,
     host: String,
     /// Processes that exited since the last call to `take_exited`.
     exited: Vec<u32>,
-    /// Signals that ask for a dump (`--on-signal`), as a bit mask.
-    pub on_signal: u64,
-    /// CPU samples per process since the last timeout dump, when profiling.
-    profiles: Option<HashMap<u32, Profile>>,
-    flamegraph: Option<std::path::PathBuf>,
+    /// `--on-signal` deliveries waiting for their dump.
+    deferred: Vec<Box<SignalCapture>>,
+    /// The dump being collected, if one runs.
+    pub(crate) collector: Option<Collector>,
+    pub(crate) dump_seq: u32,
+    /// CPU samples go to the workers for timeout profiles.
+    profiling: bool,
 }
 
-fn clock_ns(clock: libc::clockid_t) -> i128 {
+pub(crate) fn clock_ns(clock: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: `ts` is a valid out-pointer; the clocks used always exist.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
 
-/// A fault address just below the stack pointer (a push or call into
-/// the guard page) means the stack overflowed.
-fn stack_overflow(sig: i32, addr: u64, sp: u64) -> bool {
-    sig == libc::SIGSEGV && addr < sp.saturating_add(4096) && sp.saturating_sub(addr) <= 64 * 1024
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 impl Watcher {
-    pub fn new(
-        capture: Capture,
-        tracker: Tracker,
-        pipeline: Pipeline,
-        sink: Sink,
-        opts: WatchOptions,
-    ) -> Self {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default();
+    pub fn new(capture: Capture, tracker: Tracker, workers: Workers, on_signal: u64) -> Self {
         Self {
             capture,
             tracker,
-            pipeline,
-            sink,
-            json: opts.json,
-            color: opts.color,
-            pending: HashMap::new(),
-            dying: HashMap::new(),
-            lost: 0,
+            assembler: Assembler::new(on_signal, STALL),
+            workers,
+            losses: Losses::new(),
+            decode_failed: 0,
             wall_offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
-            host,
+            host: host_name(),
             exited: Vec::new(),
-            on_signal: 0,
-            profiles: None,
-            flamegraph: None,
+            deferred: Vec::new(),
+            collector: None,
+            dump_seq: 0,
+            profiling: false,
         }
+    }
+
+    /// Sends CPU samples to the workers for timeout reports' profiles.
+    pub fn keep_profiles(&mut self) {
+        self.profiling = true;
+    }
+
+    pub fn take_exited(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.exited)
+    }
+
+    pub(crate) fn wall_ns(&self, ktime_ns: u64) -> i128 {
+        ktime_ns as i128 + self.wall_offset_ns
     }
 
     /// Waits up to `timeout` for events and handles them.
@@ -156,62 +101,65 @@ impl Watcher {
         for r in records {
             self.handle(&r);
         }
-        self.tracker.refresh_stale();
-        let stale: Vec<u32> = self
-            .dying
-            .iter()
-            .filter(|(_, d)| d.since.elapsed() >= DYING_TIMEOUT)
-            .map(|(&p, _)| p)
-            .collect();
-        for pid in stale {
-            self.finish(pid, 0);
+        self.after_batch(false);
+        if self.collector.is_none() {
+            for cap in std::mem::take(&mut self.deferred) {
+                self.signal_report(cap);
+            }
         }
         Ok(())
     }
 
-    /// Writes the reports of every death still being assembled.
-    pub fn flush(&mut self) {
-        let pids: Vec<u32> = self.dying.keys().copied().collect();
-        for pid in pids {
-            self.finish(pid, 0);
+    /// Mappings re-read, dying processes' progress, stalled deaths, and
+    /// the drop counters.
+    fn after_batch(&mut self, force_loss_record: bool) {
+        self.tracker.refresh_stale();
+        let now = Instant::now();
+        let dying: Vec<u32> = self.assembler.dying().collect();
+        for pid in dying {
+            if let Some(counts) = self.capture.dying(pid) {
+                self.assembler.on(Input::Progress(pid, counts), now);
+            }
         }
-    }
-
-    /// Keeps CPU samples for timeout reports, and a flame graph of them.
-    pub fn keep_profiles(&mut self, flamegraph: Option<std::path::PathBuf>) {
-        self.profiles = Some(HashMap::new());
-        self.flamegraph = flamegraph;
-    }
-
-    fn add_sample(&mut self, s: &SignalCapture) {
-        if self.profiles.is_none() {
-            return;
+        for out in self.assembler.tick(now) {
+            self.output(out);
         }
-        let thread = self.pipeline.thread(&self.tracker, s, false);
-        if let Some(p) = self.profiles.as_mut() {
-            p.entry(s.event.pid)
-                .or_default()
-                .add(&thread.name, &thread.frames);
-        }
-    }
-
-    /// Moves the samples of `pid` since the last dump into `report`.
-    pub(crate) fn attach_profile(&mut self, pid: u32, report: &mut Report) {
-        let Some(profile) = self.profiles.as_mut().and_then(|p| p.remove(&pid)) else {
-            return;
-        };
-        report.profile = Some(profile.to_json(10));
-        report.profile_text = Some(profile.to_text(10));
-        if let Some(path) = &self.flamegraph {
-            let title = format!("rfh-trace: {} (pid {pid})", report.process.comm);
-            if let Err(e) = profile.write_flamegraph(path, &title) {
-                crate::diag!("cannot write flame graph {}: {e}", path.display());
+        self.read_drops();
+        if let Some(lost) = self.losses.take_record(now, force_loss_record) {
+            let time = rfc3339(clock_ns(libc::CLOCK_REALTIME).max(0) as u128);
+            let record = LossRecord::new(time, self.host.clone(), lost);
+            if force_loss_record {
+                self.workers.submit_wait(Job::Loss(record));
+            } else {
+                self.workers.submit(Job::Loss(record));
             }
         }
     }
 
-    pub fn take_exited(&mut self) -> Vec<u32> {
-        std::mem::take(&mut self.exited)
+    fn read_drops(&mut self) {
+        let stats = &self.workers.stats;
+        let user = UserDrops {
+            queue_full: stats.queue_full.load(Ordering::Relaxed),
+            write_failed: stats.write_failed.load(Ordering::Relaxed),
+            decode_failed: self.decode_failed,
+        };
+        if let Ok(kernel) = self.capture.drops() {
+            self.losses.update(&kernel, user);
+        }
+    }
+
+    /// Reports every death still being assembled, writes the last loss
+    /// record, and waits for the workers to finish. Returns the one-line
+    /// summary of what was lost during the run, if anything was.
+    pub fn finish(&mut self) -> Option<String> {
+        for out in self.assembler.flush() {
+            self.output(out);
+        }
+        self.after_batch(true);
+        self.workers.finish();
+        // Write failures of the last records count too.
+        self.read_drops();
+        self.losses.summary()
     }
 
     pub(crate) fn handle(&mut self, record: &[u8]) {
@@ -219,12 +167,24 @@ impl Watcher {
             Ok(e) => e,
             Err(e) => {
                 crate::diag!("dropping a malformed event: {e}");
-                self.lost += 1;
+                self.decode_failed += 1;
                 return;
             }
         };
+        let now = Instant::now();
         match event {
-            Event::Signal(s) => self.on_signal(s),
+            Event::Signal(s) => {
+                let s = match self.collector.as_mut() {
+                    Some(c) => match c.offer(s) {
+                        Some(s) => s,
+                        None => return,
+                    },
+                    None => s,
+                };
+                if let Some(out) = self.assembler.on(Input::Signal(s), now) {
+                    self.output(out);
+                }
+            }
             // The process may already be gone; the kernel-side mapping
             // capture covers that case, so a failed refresh is fine.
             Event::Exec(e) => self.tracker.exec(e.pid, &c_str(&e.filename)),
@@ -236,213 +196,154 @@ impl Watcher {
             Event::Fork(p) => self.tracker.fork(p.pid, p.arg),
             Event::Killed(p) | Event::Oom(p) => {
                 let oom = matches!(event, Event::Oom(_));
-                let d = self.dying.entry(p.pid).or_insert_with(Dying::new);
-                d.killed = Some(Killed {
-                    sig: if oom { SIGKILL } else { p.arg as i32 },
-                    code: if oom { SI_KERNEL } else { p.addr as i32 },
+                let k = Killed {
+                    sig: p.arg as i32,
+                    code: p.addr as i32,
                     sender: p.sender,
                     tid: p.tid,
                     ktime_ns: p.ktime_ns,
                     oom,
-                });
+                };
+                self.assembler.on(Input::Killed(p.pid, k), now);
             }
-            Event::Exit(p) => {
-                self.finish(p.pid, p.arg);
-                if let Some(profiles) = self.profiles.as_mut() {
-                    profiles.remove(&p.pid);
+            Event::Exit(e) => {
+                let pid = e.pid;
+                if let Some(out) = self.assembler.on(Input::Exit(e), now) {
+                    self.output(out);
                 }
-                self.pending.remove(&p.pid);
-                self.tracker.forget(p.pid);
-                self.exited.push(p.pid);
+                if self.profiling {
+                    self.workers.submit(Job::Forget(pid));
+                }
+                // A process that exits mid-dump is forgotten once its
+                // report has taken what is known of it.
+                let dumping = self.collector.as_mut().is_some_and(|c| c.exited(pid));
+                if !dumping {
+                    self.tracker.forget(pid);
+                }
+                self.exited.push(pid);
             }
         }
     }
 
-    fn on_signal(&mut self, s: Box<SignalCapture>) {
-        let ev = &s.event;
-        self.lost += ev.lost;
-        if ev.flags & SIG_F_SAMPLE != 0 {
-            self.add_sample(&s);
-            return;
-        }
-        if ev.flags & SIG_F_DUMP != 0 {
-            return; // a dump that was already reported or abandoned
-        }
-        if ev.flags & SIG_F_GROUP_EXIT == 0 && self.on_signal & (1u64 << (ev.sig as u32 & 63)) != 0
-        {
-            self.signal_report(s);
-            return;
-        }
-        if ev.flags & SIG_F_GROUP_EXIT != 0 {
-            if let Some(d) = self.dying.get_mut(&ev.pid) {
-                d.since = Instant::now();
-                d.siblings.push(s);
+    fn output(&mut self, out: Output) {
+        match out {
+            Output::Crash(c) => {
+                let job = self.crash_job(c);
+                self.workers.submit(Job::Report(Box::new(job)));
             }
-            return;
-        }
-        if ev.handler == SIG_IGN || (ev.handler == SIG_DFL && default_is_harmless(ev.sig as u32)) {
-            return;
-        }
-        if ev.handler != SIG_DFL {
-            // The process's own handler runs; survival is not a crash.
-            // A re-raise from inside that handler must not replace the
-            // original fault.
-            let keep_old = self
-                .pending
-                .get(&ev.pid)
-                .is_some_and(|p| p.event.sig == ev.sig && signals::user_sent(ev.code));
-            if !keep_old {
-                self.pending.insert(ev.pid, s);
+            Output::OnSignal(cap) => self.deferred.push(cap),
+            Output::Sample(cap) if self.profiling => {
+                let modules = self.modules_of(&cap);
+                self.workers.submit(Job::Sample(Box::new(ThreadJob {
+                    cap,
+                    current: false,
+                    modules,
+                })));
             }
-            return;
-        }
-        let original = self.pending.remove(&ev.pid).filter(|p| {
-            p.event.sig == ev.sig && (signals::user_sent(ev.code) || p.event.addr == ev.addr)
-        });
-        let d = self.dying.entry(ev.pid).or_insert_with(Dying::new);
-        d.handled = original.is_some();
-        d.primary = Some(original.unwrap_or(s));
-    }
-
-    /// Writes the report for a process that has finished dying.
-    fn finish(&mut self, pid: u32, omitted: u32) {
-        let Some(d) = self.dying.remove(&pid) else {
-            return;
-        };
-        if let Some(report) = self.crash_report(pid, d, omitted) {
-            self.emit(&report);
+            Output::Sample(_) => {}
         }
     }
 
-    pub fn emit(&mut self, report: &Report) {
-        let text = if self.json {
-            report.to_json()
-        } else {
-            report.to_text(self.color)
-        };
-        if let Err(e) = self.sink.write_report(&text) {
-            crate::diag!("cannot write report: {e}");
-        }
-    }
-
-    fn crash_report(&mut self, pid: u32, d: Dying, omitted: u32) -> Option<Report> {
-        let mut siblings = d.siblings;
-        // A group kill has no faulting thread: the thread the kernel
-        // aimed at (or the first to die) stands first.
-        let primary = d.primary.or_else(|| {
-            let want = d.killed.as_ref().map(|k| k.tid);
-            let i = siblings
-                .iter()
-                .position(|s| Some(s.event.tid) == want)
-                .unwrap_or(0);
-            (!siblings.is_empty()).then(|| siblings.remove(i))
-        });
-        siblings.sort_by_key(|s| s.event.tid);
-        let (signal, ktime) = match (&d.killed, &primary) {
-            (Some(k), _) => (
-                Signal {
-                    sender_pid: (k.sender != 0 && !k.oom).then_some(k.sender as i32),
-                    ..named_signal(k.sig, k.code)
-                },
-                k.ktime_ns,
-            ),
-            (None, Some(p)) => {
-                let ev = &p.event;
-                let mut signal = signal_of(ev);
-                signal.handled = d.handled;
-                signal.stack_overflow = stack_overflow(ev.sig, ev.addr, ev.regs[REG_SP]);
-                (signal, ev.ktime_ns)
-            }
-            (None, None) => return None,
-        };
-        let mut report = self.report(
-            "crash",
+    fn crash_job(&mut self, c: Crash) -> ReportJob {
+        let Crash {
             pid,
-            primary.as_deref(),
-            &siblings,
-            Some(signal),
-            ktime,
-        );
-        report.oom_kill = d.killed.as_ref().is_some_and(|k| k.oom);
-        report.threads_omitted = omitted;
-        Some(report)
+            current,
+            others,
+            cause,
+            counts,
+            partial,
+            ktime_ns,
+        } = c;
+        let mut job = self.job(Kind::Crash, pid, current, others, self.wall_ns(ktime_ns));
+        job.cause = Some(cause);
+        job.counts = Some(counts);
+        job.partial = partial;
+        job
     }
 
-    /// A report of `kind` for `pid`: `current` (the thread the signal
-    /// went to) first, then `others`, each unwound and symbolized.
-    pub(crate) fn report(
+    fn modules_of(&self, cap: &SignalCapture) -> Vec<crate::modules::Module> {
+        let ev = &cap.event;
+        let n = (ev.nvmas as usize).min(ev.vmas.len());
+        self.tracker.modules_for(ev.pid, &ev.vmas[..n])
+    }
+
+    /// A report job of `kind` for `pid`: `current` (the thread the signal
+    /// went to) first, then `others`, with an owned snapshot of what is
+    /// known about the process.
+    pub(crate) fn job(
         &mut self,
-        kind: &'static str,
+        kind: Kind,
         pid: u32,
-        current: Option<&SignalCapture>,
-        others: &[Box<SignalCapture>],
-        signal: Option<Signal>,
-        ktime: u64,
-    ) -> Report {
+        current: Option<Box<SignalCapture>>,
+        others: Vec<Box<SignalCapture>>,
+        time_ns: i128,
+    ) -> ReportJob {
         // Mappings that changed in the batch being handled.
         self.tracker.refresh_stale();
-        let info = self.tracker.get(pid).cloned().unwrap_or_default();
-        let caps: Vec<(&SignalCapture, bool)> = current
-            .map(|c| (c, true))
-            .into_iter()
-            .chain(others.iter().map(|s| (&**s, false)))
-            .collect();
-        let threads = self.pipeline.threads(&self.tracker, &caps);
-        let first = current.or(others.first().map(|b| &**b));
+        let info = self.tracker.get(pid);
+        let first = current.as_deref().or(others.first().map(|b| &**b));
         let ns_pid = first.map_or(0, |f| f.event.ns_pid);
-        let time_ns = ktime as i128 + self.wall_offset_ns;
-        Report {
-            schema: report::SCHEMA,
+        let process = Process {
+            pid,
+            ns_pid: (ns_pid != 0 && ns_pid != pid)
+                .then_some(ns_pid)
+                .or(info.and_then(|i| i.ns_pid).filter(|&n| n != pid)),
+            comm: info
+                .and_then(|i| i.comm.clone())
+                .unwrap_or_else(|| first.map(|f| c_str(&f.event.comm)).unwrap_or_default()),
+            exe: info
+                .and_then(|i| i.exe.clone())
+                .or_else(|| self.tracker.exec_path(pid)),
+            cmdline: info.and_then(|i| i.cmdline.clone()),
+            uid: info.and_then(|i| i.uid),
+            container_id: info
+                .and_then(|i| i.cgroup.as_deref())
+                .and_then(container_id),
+            cgroup: info.and_then(|i| i.cgroup.clone()),
+            k8s: None,
+        };
+        let threads = current
+            .into_iter()
+            .map(|c| (c, true))
+            .chain(others.into_iter().map(|c| (c, false)))
+            .map(|(cap, current)| ThreadJob {
+                modules: self.modules_of(&cap),
+                cap,
+                current,
+            })
+            .collect();
+        self.read_drops();
+        ReportJob {
             kind,
-            time: report::rfc3339(time_ns.max(0) as u128),
+            time_ns,
             host: self.host.clone(),
-            process: Process {
-                pid,
-                ns_pid: (ns_pid != 0 && ns_pid != pid)
-                    .then_some(ns_pid)
-                    .or(info.ns_pid.filter(|&n| n != pid)),
-                comm: info
-                    .comm
-                    .clone()
-                    .unwrap_or_else(|| first.map(|f| c_str(&f.event.comm)).unwrap_or_default()),
-                exe: info.exe.clone().or_else(|| self.tracker.exec_path(pid)),
-                cmdline: info.cmdline.clone(),
-                uid: info.uid,
-                container_id: info.cgroup.as_deref().and_then(container_id),
-                cgroup: info.cgroup.clone(),
-            },
-            signal,
-            oom_kill: false,
+            process,
             threads,
-            threads_omitted: 0,
-            profile: None,
-            profile_text: None,
-            lost_events: std::mem::take(&mut self.lost),
+            cause: None,
+            counts: None,
+            partial: None,
+            lost_events: self.losses.take_for_report(),
         }
     }
-}
 
-/// The signal part of a report, from the kernel's record of it.
-pub(crate) fn signal_of(ev: &SignalEvent) -> Signal {
-    Signal {
-        address: signals::is_fault(ev.sig, ev.code).then(|| report::hex(ev.addr)),
-        sender_pid: signals::user_sent(ev.code)
-            .then_some(ev.sender_pid)
-            .filter(|&p| p > 0),
-        handled: ev.handler > SIG_IGN,
-        ..named_signal(ev.sig, ev.code)
-    }
-}
-
-/// A signal's names and descriptions, with nothing else known yet.
-fn named_signal(sig: i32, code: i32) -> Signal {
-    Signal {
-        number: sig,
-        name: signals::name(sig),
-        description: signals::description(sig),
-        code,
-        code_name: signals::code_name(sig, code),
-        code_description: signals::code_description(sig, code),
-        ..Signal::default()
+    /// `--on-signal`: the receiving thread's stack as delivered, then
+    /// every other thread as it is now.
+    fn signal_report(&mut self, cap: Box<SignalCapture>) {
+        let (pid, tid, ktime) = (cap.event.pid, cap.event.tid, cap.event.ktime_ns);
+        let cause = Cause::of(&cap);
+        // The process keeps running; a failed dump still leaves the
+        // receiving thread's own stack worth reporting.
+        let (others, partial) = match self.snapshot(pid) {
+            Ok(s) => (s.threads, s.partial),
+            Err(e) => (
+                Vec::new(),
+                Some(format!("the other threads could not be dumped: {e}")),
+            ),
+        };
+        let others = others.into_iter().filter(|o| o.event.tid != tid).collect();
+        let mut job = self.job(Kind::Signal, pid, Some(cap), others, self.wall_ns(ktime));
+        job.cause = Some(cause);
+        job.partial = partial;
+        self.workers.submit(Job::Report(Box::new(job)));
     }
 }

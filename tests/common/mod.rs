@@ -222,7 +222,8 @@ pub fn signal_status(sig: i32) -> i32 {
 }
 
 /// IDs of the BPF programs a process holds open, from its fdinfo (this
-/// Debian bpftool cannot show owning pids).
+/// Debian bpftool cannot show owning pids). A process that is ready holds
+/// them all.
 pub fn prog_ids_of(pid: u32) -> Vec<u64> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return Vec::new();
@@ -239,27 +240,74 @@ pub fn prog_ids_of(pid: u32) -> Vec<u64> {
     ids
 }
 
-/// Waits until rfh-trace `pid` holds all its BPF programs (it is then
-/// attached); returns their ids.
-pub fn wait_attached(pid: u32) -> Vec<u64> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let ids = prog_ids_of(pid);
-        if ids.len() >= PROGRAMS {
-            // Attaching follows loading; give the last attach a moment.
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            return ids;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "rfh-trace never attached: {ids:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+/// A `--ready-fd` pipe: rfh-trace writes `READY=1` to it once its probes
+/// are attached and the watch is in place.
+pub struct Ready {
+    read: std::fs::File,
+    write: std::os::fd::OwnedFd,
+}
+
+/// Adds `--ready-fd N` to `cmd` (put it before `--` and any COMMAND) and
+/// returns the pipe to wait on after spawning.
+pub fn ready_fd(cmd: &mut Command) -> Ready {
+    use std::os::{
+        fd::{AsRawFd, FromRawFd},
+        unix::process::CommandExt,
+    };
+    let mut fds = [0i32; 2];
+    // SAFETY: a valid two-int array for pipe2 to fill.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors were just created and are owned here only.
+    let (read, write) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    let w = write.as_raw_fd();
+    // SAFETY: only async-signal-safe calls between fork and exec: the
+    // write end is made inheritable in the child alone.
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(w, libc::F_GETFD);
+            libc::fcntl(w, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    cmd.args(["--ready-fd", &w.to_string()]);
+    Ready { read, write }
+}
+
+impl Ready {
+    /// Waits (up to 20 s) for rfh-trace to say it is attached.
+    pub fn wait(self) {
+        use std::io::Read;
+        let Ready { mut read, write } = self;
+        // Our copy of the write end must go, or EOF never comes if
+        // rfh-trace dies before it is ready.
+        drop(write);
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&read),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, 20_000) };
+        assert!(n == 1, "rfh-trace never said it was ready");
+        let mut buf = String::new();
+        let _ = read.read_to_string(&mut buf);
+        assert_eq!(buf, "READY=1\n", "rfh-trace exited before it was ready");
     }
 }
 
-/// How many BPF programs rfh-trace loads.
-pub const PROGRAMS: usize = 7;
+/// Spawns `cmd` (an rfh-trace command line without `--`) with
+/// `--ready-fd` and waits until it is attached.
+pub fn spawn_ready(cmd: &mut Command) -> std::process::Child {
+    let ready = ready_fd(cmd);
+    let child = cmd.spawn().expect("spawn rfh-trace");
+    ready.wait();
+    child
+}
 
 /// The thread of a report with this name.
 pub fn thread_named<'a>(r: &'a Value, name: &str) -> &'a Value {

@@ -8,17 +8,18 @@ use std::{
     io::{Read, Seek, SeekFrom},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use super::Tracker;
-use crate::modules::Module;
+use crate::modules::{FileHold, Module};
 
 /// Above this many cached open files, the ones no tracked process maps
 /// any more are closed.
 pub(super) const MAX_OPEN_FILES: usize = 4096;
 
 pub(super) struct OpenFile {
-    file: File,
+    file: Arc<File>,
     pub(super) name: String,
     pub(super) build_id: Option<Vec<u8>>,
 }
@@ -26,6 +27,16 @@ pub(super) struct OpenFile {
 impl OpenFile {
     pub(super) fn open_path(&self) -> PathBuf {
         PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+
+    pub(super) fn hold(&self) -> FileHold {
+        FileHold(Arc::clone(&self.file))
+    }
+
+    /// The file has been deleted: nobody can map it again, so once no
+    /// tracked process maps it, its handle is only a leak.
+    pub(super) fn deleted(&self) -> bool {
+        self.file.metadata().is_ok_and(|m| m.nlink() == 0)
     }
 }
 
@@ -95,7 +106,12 @@ pub(crate) struct MapsLine<'a> {
 }
 
 impl MapsLine<'_> {
-    pub(crate) fn module(&self, open_path: PathBuf, build_id: Option<Vec<u8>>) -> Module {
+    pub(crate) fn module(
+        &self,
+        open_path: PathBuf,
+        build_id: Option<Vec<u8>>,
+        hold: Option<FileHold>,
+    ) -> Module {
         Module {
             open_path,
             name: strip_deleted(self.path).to_string(),
@@ -103,6 +119,7 @@ impl MapsLine<'_> {
             end: self.end,
             file_offset: self.offset,
             build_id,
+            hold,
         }
     }
 }
@@ -142,7 +159,7 @@ fn open_mapped(proc_dir: &Path, m: &MapsLine) -> Option<OpenFile> {
         .ok()?;
     let build_id = build_id(&mut file);
     Some(OpenFile {
-        file,
+        file: Arc::new(file),
         name: name.to_string(),
         build_id,
     })
@@ -277,7 +294,7 @@ mod tests {
                 t.files.insert(
                     key,
                     OpenFile {
-                        file,
+                        file: Arc::new(file),
                         name,
                         build_id: None,
                     },

@@ -105,10 +105,19 @@ impl Tracker {
     }
 
     pub fn forget(&mut self, pid: u32) {
-        self.procs.remove(&pid);
+        let gone = self.procs.remove(&pid);
         self.exec_paths.remove(&pid);
         self.exit_vmas.remove(&pid);
-        // Files stay cached: the next process of the same binary reuses them.
+        // Files stay cached: the next process of the same binary reuses
+        // them. A deleted file has no next process: once no tracked
+        // process maps it, its handle goes (a report being made still
+        // holds its own).
+        for key in gone.map(|p| p.file_keys).unwrap_or_default() {
+            let deleted = self.files.get(&key).is_some_and(|f| f.deleted());
+            if deleted && !self.procs.values().any(|p| p.file_keys.contains(&key)) {
+                self.files.remove(&key);
+            }
+        }
     }
 
     /// Records what `pid` exec'd (the path given to execve) and re-reads
@@ -211,7 +220,7 @@ impl Tracker {
             let Some(f) = self.file_for(&proc_dir, &m) else {
                 continue;
             };
-            modules.push(m.module(f.open_path(), f.build_id.clone()));
+            modules.push(m.module(f.open_path(), f.build_id.clone(), Some(f.hold())));
             let key = (m.dev, m.ino);
             if !file_keys.contains(&key) {
                 file_keys.push(key);
@@ -288,7 +297,10 @@ impl Tracker {
             let found = self
                 .files
                 .get(&key)
-                .map(|f| (f.open_path(), f.name.clone(), f.build_id.clone()))
+                .map(|f| {
+                    let hold = Some(f.hold());
+                    (f.open_path(), f.name.clone(), f.build_id.clone(), hold)
+                })
                 .or_else(|| {
                     let exe = self
                         .procs
@@ -297,9 +309,14 @@ impl Tracker {
                     let hints = exe.iter().chain(self.exec_paths.get(&pid));
                     let path = find_by_identity(&c_str(&v.name), key, hints)?;
                     let build_id = File::open(&path).ok().and_then(|mut f| build_id(&mut f));
-                    Some((path.clone(), path.to_string_lossy().into_owned(), build_id))
+                    Some((
+                        path.clone(),
+                        path.to_string_lossy().into_owned(),
+                        build_id,
+                        None,
+                    ))
                 });
-            if let Some((open_path, name, build_id)) = found {
+            if let Some((open_path, name, build_id, hold)) = found {
                 modules.push(Module {
                     open_path,
                     name,
@@ -307,6 +324,7 @@ impl Tracker {
                     end: v.end,
                     file_offset: v.file_offset,
                     build_id,
+                    hold,
                 });
             }
         }

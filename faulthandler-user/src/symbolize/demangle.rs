@@ -48,7 +48,6 @@ mod tests {
     use super::super::Symbolizer;
     use super::super::testutil::*;
     use super::*;
-    use crate::report::hex;
 
     /// `t`, `i`, `c` and `s` are also the Itanium manglings of the types
     /// `unsigned short`, `int`, `char` and `short`. `noclone` keeps GCC from
@@ -95,7 +94,7 @@ int main(int argc, char **argv) {
                     let frames = s.symbolize(&[BIAS + addr + off], &modules);
                     let (outer, inlined) = frames.split_last().unwrap();
                     assert_eq!((name(outer), outer.inlined), (func, false), "{frames:?}");
-                    assert_eq!(outer.function_offset, Some(hex(off)), "{frames:?}");
+                    assert_eq!(outer.function_offset, Some(off), "{frames:?}");
                     assert_eq!(outer.file.is_some(), with_dwarf, "{frames:?}");
                     for f in inlined {
                         assert_eq!((func, name(f), f.inlined), ("i", "s", true), "{frames:?}");

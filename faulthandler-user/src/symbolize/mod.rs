@@ -19,7 +19,7 @@ use self::debuginfo::{FileInfo, elf_symbols, file_info, lookup_batch, offset_kno
 use self::demangle::function_name;
 use crate::modules::Module;
 use crate::procs::FileStamp;
-use crate::report::{Frame, hex};
+use crate::report::NativeFrame as Frame;
 
 const DEFAULT_DEBUG_DIRS: &[&str] = &["/usr/lib/debug", "/lib/debug"];
 
@@ -130,7 +130,7 @@ impl Symbolizer {
                     None => groups.push((m, vec![i])),
                 },
                 None => per_addr[i].push(Frame {
-                    address: hex(addrs[i]),
+                    address: addrs[i],
                     ..Frame::default()
                 }),
             }
@@ -163,11 +163,10 @@ impl Symbolizer {
             }
             for (k, &i) in idxs.iter().enumerate() {
                 let base = Frame {
-                    address: hex(addrs[i]),
+                    address: addrs[i],
                     module: Some(module.name.clone()),
-                    module_offset: Some(hex(module.file_offset_of(addrs[i]))),
+                    module_offset: Some(module.file_offset_of(addrs[i])),
                     build_id: build_id.clone(),
-                    language: Some("native"),
                     ..Frame::default()
                 };
                 per_addr[i] = match syms.get(k) {
@@ -220,7 +219,7 @@ fn frames_of(sym: &Sym<'_>, elf_sym: Option<(String, u64)>, base: Frame, delta: 
     };
     let mut outer = base;
     if function.is_some() {
-        outer.function_offset = offset.map(|o| hex(o + delta));
+        outer.function_offset = offset.map(|o| o + delta);
     }
     outer.function = function;
     set_location(&mut outer, sym.code_info.as_deref());
@@ -260,11 +259,11 @@ mod tests {
             let frames = s.symbolize(&[addr], modules);
             let last = frames.last().unwrap();
             assert_eq!((name(last), last.inlined), ("outer", false), "{frames:?}");
-            assert_eq!(last.function_offset, Some(hex(off)));
+            assert_eq!(last.function_offset, Some(off));
             for f in &frames {
-                assert_eq!(f.address, hex(addr));
-                assert_eq!(f.module_offset, Some(hex(addr - BIAS)));
-                assert_eq!((&f.build_id, f.language), (&build_id, Some("native")));
+                assert_eq!(f.address, addr);
+                assert_eq!(f.module_offset, Some(addr - BIAS));
+                assert_eq!(f.build_id, build_id);
                 assert!(f.file.as_deref().unwrap().ends_with("/prog.c"), "{f:?}");
             }
             if let [inl, out] = &frames[..] {
@@ -282,10 +281,10 @@ mod tests {
         let two = s.symbolize(&[a, a + 1], modules);
         assert_eq!(two.len(), 2 * one.len());
         for (x, y) in one.iter().zip(&two[one.len()..]) {
-            assert_eq!(y.address, hex(a + 1));
+            assert_eq!(y.address, a + 1);
             assert_eq!((&x.function, x.line), (&y.function, y.line));
         }
-        assert_eq!(two.last().unwrap().function_offset.as_deref(), Some("0x1"));
+        assert_eq!(two.last().unwrap().function_offset, Some(1));
 
         // Unmapped address, and a module whose file is gone: bare frames.
         let gone = Module {
@@ -295,20 +294,20 @@ mod tests {
             end: 0x2000,
             file_offset: 0,
             build_id: Some(vec![0xab, 0x01]),
+            hold: None,
         };
         let frames = s.symbolize(&[0x10, 0x1800], &[module, gone]);
-        let bare = |address: &str| Frame {
-            address: address.into(),
+        let bare = |address: u64| Frame {
+            address,
             ..Frame::default()
         };
         let gone_frame = Frame {
             module: Some("/missing".into()),
-            module_offset: Some("0x800".into()),
+            module_offset: Some(0x800),
             build_id: Some("ab01".into()),
-            language: Some("native"),
-            ..bare("0x1800")
+            ..bare(0x1800)
         };
-        assert_eq!(frames, [bare("0x10"), gone_frame]);
+        assert_eq!(frames, [bare(0x10), gone_frame]);
     }
 
     // Here rather than in `demangle`: the assertion names this module's path.

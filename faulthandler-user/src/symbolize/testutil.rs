@@ -7,7 +7,7 @@ use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SegmentFlags};
 
 use crate::modules::Module;
 use crate::procs::parse_maps_line;
-use crate::report::Frame;
+use crate::report::NativeFrame as Frame;
 
 /// A pretend load bias, so test addresses look like a PIE's.
 pub const BIAS: u64 = 0x5555_0000_0000;
@@ -66,6 +66,7 @@ pub fn exec_module(path: &Path) -> Module {
         end: BIAS + vaddr + size,
         file_offset: off & !0xfff,
         build_id: None,
+        hold: None,
     }
 }
 
@@ -100,7 +101,7 @@ pub fn self_mapping(pred: impl Fn(&Module) -> bool) -> Option<Module> {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     maps.lines()
         .filter_map(parse_maps_line)
-        .map(|m| m.module(PathBuf::from(m.path), None))
+        .map(|m| m.module(PathBuf::from(m.path), None, None))
         .find(pred)
 }
 

@@ -271,7 +271,7 @@ int main(int argc, char **argv) {
         let read = |n| std::fs::read_to_string(dir.path().join(n)).expect(n);
         let h = |s: &str| u64::from_str_radix(s, 16).ok();
         let r: Vec<u64> = read("regs").split(' ').filter_map(h).collect();
-        let module = |l| parse_maps_line(l).map(|m| m.module(m.path.into(), None));
+        let module = |l| parse_maps_line(l).map(|m| m.module(m.path.into(), None, None));
         let (regs, main) = (
             Regs {
                 ip: r[0],

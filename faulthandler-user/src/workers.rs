@@ -1,0 +1,268 @@
+//! Workers: unwind, symbolize and render off the event loop, so the ring
+//! buffer reader never waits for them. Jobs carry owned snapshots (the
+//! captures, the process's identity and modules, with their files held
+//! open), so a worker needs nothing from the loop.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    },
+    thread::JoinHandle,
+};
+
+use faulthandler_common::Dying;
+
+use crate::{
+    assemble::{Cause, resolve_cause},
+    decode::SignalCapture,
+    modules::Module,
+    pipeline::{Pipeline, ThreadInput},
+    profile::Profile,
+    report::{Kind, LossRecord, Process, Report, SCHEMA, Signal, rfc3339},
+    signals,
+    sink::Sink,
+};
+
+/// Jobs waiting for a worker; beyond this the newest is dropped and
+/// counted (`queue_full`). A crash job holds up to `--max-threads` stack
+/// copies, so this bounds memory too.
+const QUEUE: usize = 64;
+/// Stacks listed in a timeout report's CPU profile.
+const PROFILE_TOP: usize = 10;
+
+pub struct ThreadJob {
+    pub cap: Box<SignalCapture>,
+    pub current: bool,
+    pub modules: Vec<Module>,
+}
+
+pub struct ReportJob {
+    pub kind: Kind,
+    /// Wall-clock time of the event, ns since the epoch.
+    pub time_ns: i128,
+    pub host: String,
+    pub process: Process,
+    pub threads: Vec<ThreadJob>,
+    pub cause: Option<Cause>,
+    /// The kernel's thread counts, for crashes.
+    pub counts: Option<Dying>,
+    pub partial: Option<String>,
+    pub lost_events: u64,
+}
+
+pub enum Job {
+    Report(Box<ReportJob>),
+    /// A CPU sample of `pid` for its next timeout report's profile.
+    Sample(Box<ThreadJob>),
+    /// `pid` exited: its profile goes.
+    Forget(u32),
+    Loss(LossRecord),
+}
+
+/// Counts shared with the loop, for loss records and the exit summary.
+#[derive(Default)]
+pub struct Stats {
+    pub queue_full: AtomicU64,
+    pub write_failed: AtomicU64,
+    pub reports: AtomicU64,
+}
+
+pub struct WorkerOptions {
+    pub max_frames: usize,
+    pub flamegraph: Option<PathBuf>,
+    /// Module lists to read unwind tables and debug info for at once, so
+    /// the first report that needs them is fast.
+    pub warm: Vec<Vec<Module>>,
+}
+
+pub struct Workers {
+    tx: Option<SyncSender<Job>>,
+    handle: Option<JoinHandle<()>>,
+    pub stats: Arc<Stats>,
+}
+
+impl Workers {
+    /// Starts the worker with its sinks. The pipeline is made on the
+    /// worker's own thread (the symbolizer is not Send), which then warms
+    /// it while the caller goes on loading the programs.
+    pub fn start(sinks: Vec<Box<dyn Sink>>, opts: WorkerOptions) -> Self {
+        let (tx, rx) = sync_channel(QUEUE);
+        let stats = Arc::new(Stats::default());
+        let worker_stats = Arc::clone(&stats);
+        let handle = std::thread::Builder::new()
+            .name("rfh-worker".into())
+            .spawn(move || {
+                let mut pipeline = Pipeline::new(opts.max_frames);
+                for modules in &opts.warm {
+                    pipeline.warm(modules);
+                }
+                let worker = Worker {
+                    pipeline,
+                    sinks,
+                    profiles: HashMap::new(),
+                    flamegraph: opts.flamegraph,
+                    stats: worker_stats,
+                };
+                worker.run(rx)
+            })
+            .ok();
+        Self {
+            tx: Some(tx),
+            handle,
+            stats,
+        }
+    }
+
+    /// Queues a job; a full queue drops it and counts the drop.
+    pub fn submit(&self, job: Job) {
+        let Some(tx) = &self.tx else { return };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(job) {
+            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues a job, waiting for room: for the last records at shutdown.
+    pub fn submit_wait(&self, job: Job) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(job);
+        }
+    }
+
+    /// Finishes every queued job and stops the worker.
+    pub fn finish(&mut self) {
+        self.tx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+struct Worker {
+    pipeline: Pipeline,
+    sinks: Vec<Box<dyn Sink>>,
+    profiles: HashMap<u32, Profile>,
+    flamegraph: Option<PathBuf>,
+    stats: Arc<Stats>,
+}
+
+impl Worker {
+    fn run(mut self, rx: Receiver<Job>) {
+        for job in rx {
+            match job {
+                Job::Report(j) => {
+                    let report = self.report(*j);
+                    self.stats.reports.fetch_add(1, Ordering::Relaxed);
+                    self.write(|s| s.report(&report));
+                }
+                Job::Sample(t) => {
+                    let input = ThreadInput {
+                        cap: &t.cap,
+                        current: false,
+                        modules: &t.modules,
+                    };
+                    let unwound = self.pipeline.threads(&[input]);
+                    if let Some(thread) = unwound.threads.first() {
+                        self.profiles
+                            .entry(t.cap.event.pid)
+                            .or_default()
+                            .add(&thread.name, &thread.frames);
+                    }
+                }
+                Job::Forget(pid) => {
+                    self.profiles.remove(&pid);
+                }
+                Job::Loss(l) => self.write(|s| s.loss(&l)),
+            }
+        }
+    }
+
+    fn write(&mut self, mut f: impl FnMut(&mut dyn Sink) -> std::io::Result<()>) {
+        for sink in &mut self.sinks {
+            if f(sink.as_mut()).is_err() {
+                self.stats.write_failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn report(&mut self, j: ReportJob) -> Report {
+        let inputs: Vec<ThreadInput<'_>> = j
+            .threads
+            .iter()
+            .map(|t| ThreadInput {
+                cap: &t.cap,
+                current: t.current,
+                modules: &t.modules,
+            })
+            .collect();
+        let unwound = self.pipeline.threads(&inputs);
+        let pid = j.process.pid;
+        let signal = j
+            .cause
+            .as_ref()
+            .map(|c| resolve_cause(c, pid, unwound.sigframe))
+            .filter(|c| c.sig != 0)
+            .map(|c| signal(&c));
+        let counts = j.counts.unwrap_or_default();
+        let mut report = Report {
+            schema: SCHEMA,
+            kind: j.kind,
+            time: rfc3339(j.time_ns.max(0) as u128),
+            host: j.host,
+            node: None,
+            process: j.process,
+            oom_kill: j.cause.as_ref().is_some_and(|c| c.oom),
+            signal,
+            threads: unwound.threads,
+            threads_omitted: counts.omitted as u32,
+            threads_lost: counts.lost as u32,
+            threads_total: j.counts.map(|c| c.total).filter(|&t| t > 0),
+            partial: j.partial,
+            profile: None,
+            lost_events: j.lost_events,
+        };
+        if report.kind == Kind::Timeout {
+            self.attach_profile(pid, &mut report);
+        }
+        report
+    }
+
+    /// Moves the samples of `pid` since the last dump into `report`.
+    fn attach_profile(&mut self, pid: u32, report: &mut Report) {
+        let Some(profile) = self.profiles.remove(&pid) else {
+            return;
+        };
+        report.profile = Some(profile.summary(PROFILE_TOP));
+        if let Some(path) = &self.flamegraph {
+            let title = format!("rfh-trace: {} (pid {pid})", report.process.comm);
+            if let Err(e) = profile.write_flamegraph(path, &title) {
+                crate::diag!("cannot write flame graph {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// The report's signal, named and described.
+fn signal(c: &Cause) -> Signal {
+    Signal {
+        number: c.sig,
+        name: signals::name(c.sig),
+        description: signals::description(c.sig),
+        code: c.code,
+        code_name: signals::code_name(c.sig, c.code),
+        code_description: signals::code_description(c.sig, c.code),
+        address: c.addr,
+        sender_pid: c.sender_pid,
+        handled: c.handled,
+        stack_overflow: c.stack_overflow,
+    }
+}
