@@ -272,8 +272,15 @@ pub struct Dying {
     /// The signal it is dying of, and its si_code (0 when unknown).
     pub sig: u32,
     pub code: i32,
-    pub _pad: u32,
+    /// Exiting threads whose stacks were scanned for mappings (see
+    /// `VMA_SCANS`).
+    pub vma_scans: u32,
 }
+
+/// Threads of one death whose stacks are scanned for mappings as they
+/// exit: the first few cover what a process that died before userspace
+/// read /proc needs, and scanning thousands would stall the death.
+pub const VMA_SCANS: u32 = 16;
 
 /// `EVENT_EXIT`: the last thread of a watched process has exited. When it
 /// was dying of something reported, `dying` holds the final counts.

@@ -113,11 +113,16 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
 fn try_exit(ctx: &RawTracePointContext) -> Option<()> {
     let cfg = config()?;
     let (tgid, tid) = current_ids(cfg)?;
-    // SAFETY: the value is copied out at once.
-    let dying = unsafe { DYING.get(&tgid) }.copied();
-    if dying.is_some() {
-        emit_vmas(cfg, tgid, tid);
-    }
+    let d = DYING.get_ptr_mut(&tgid);
+    // SAFETY: `d` points into a live map value; the scan count is a cap,
+    // so a race between exiting threads costs at most a scan or two.
+    let dying = d.map(|d| unsafe {
+        if (*d).vma_scans < VMA_SCANS {
+            (*d).vma_scans += 1;
+            emit_vmas(cfg, tgid, tid);
+        }
+        *d
+    });
     if ctx.arg::<u64>(1) & 0xff == 0 {
         return None; // not the last thread
     }

@@ -172,6 +172,9 @@ pub enum Input {
     Exit(ExitEvent),
     /// The kernel's counts for a dying process, read while it dies.
     Progress(u32, Dying),
+    /// Another record of the process arrived (a thread exiting): it is
+    /// still dying, not stuck.
+    Touch(u32),
 }
 
 #[derive(Debug)]
@@ -197,6 +200,9 @@ impl Death {
 
 pub struct Assembler {
     dying: HashMap<u32, Death>,
+    /// Deaths reported after a stall, and when: their exit record, if it
+    /// comes late, must not make a second report.
+    given_up: HashMap<u32, Instant>,
     /// Signals that ask for a dump when survived (`--on-signal`).
     on_signal: u64,
     stall: Duration,
@@ -206,6 +212,7 @@ impl Assembler {
     pub fn new(on_signal: u64, stall: Duration) -> Self {
         Self {
             dying: HashMap::new(),
+            given_up: HashMap::new(),
             on_signal,
             stall,
         }
@@ -234,7 +241,16 @@ impl Assembler {
                 }
                 None
             }
+            Input::Touch(pid) => {
+                if let Some(d) = self.dying.get_mut(&pid) {
+                    d.since = now;
+                }
+                None
+            }
             Input::Exit(e) => {
+                if self.given_up.remove(&e.pid).is_some() {
+                    return None;
+                }
                 let death = self.dying.remove(&e.pid);
                 if death.is_none() && (e.was_dying == 0 || e.dying.sig == 0) {
                     return None;
@@ -291,10 +307,14 @@ impl Assembler {
             "no exit seen {} s after the last thread was captured: threads may be stuck exiting",
             self.stall.as_secs()
         );
+        // A pid is remembered long enough for any late exit record.
+        self.given_up
+            .retain(|_, t| now.saturating_duration_since(*t) < self.stall * 30);
         stale
             .into_iter()
             .filter_map(|pid| {
                 let d = self.dying.remove(&pid)?;
+                self.given_up.insert(pid, now);
                 finish(pid, d, Some(why.clone()), 0).map(Output::Crash)
             })
             .collect()

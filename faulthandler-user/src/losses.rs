@@ -9,6 +9,9 @@ use std::{
 
 use faulthandler_common::{COUNTER_NAMES, COUNTERS};
 
+/// The cause whose drops each report counts for itself.
+const PINNED: &str = "threads_ring_full";
+
 /// At most one loss record per this interval (a storm of drops would
 /// otherwise be a storm of records); the last one is always written.
 const RECORD_EVERY: Duration = Duration::from_secs(1);
@@ -74,7 +77,8 @@ impl Losses {
     }
 
     /// Counts by cause since the previous loss record, when there are any
-    /// and a record is due (`force` at exit).
+    /// and a record is due (`force` at exit). Threads lost from a report
+    /// are in that report (`threads_lost`), not here.
     pub fn take_record(
         &mut self,
         now: Instant,
@@ -90,6 +94,7 @@ impl Losses {
         let delta: BTreeMap<&'static str, u64> = self
             .totals
             .iter()
+            .filter(|&(&k, _)| k != PINNED)
             .filter_map(|(&k, &v)| {
                 let d = v - self.recorded.get(k).copied().unwrap_or(0).min(v);
                 (d > 0).then_some((k, d))
@@ -156,9 +161,13 @@ mod tests {
         assert_eq!(r.get("ring_full"), Some(&2));
         assert_eq!(r.get("queue_full"), Some(&1));
         assert!(l.take_record(t + RECORD_EVERY * 3, true).is_none());
+        // Threads lost from a report are that report's to say.
+        k[1] = 3;
+        l.update(&k, UserDrops::default());
+        assert!(l.take_record(t + RECORD_EVERY * 4, true).is_none());
         assert_eq!(
             l.summary().unwrap(),
-            "lost during this run: 1 queue_full, 7 ring_full (see docs/report-format.md, \"Losses\")"
+            "lost during this run: 7 ring_full, 3 threads_ring_full (see docs/report-format.md, \"Losses\")"
         );
     }
 }

@@ -7,6 +7,17 @@ use std::{
     os::{fd::FromRawFd, unix::net::UnixDatagram},
 };
 
+/// Keeps `--ready-fd` out of the commands rfh-trace starts, which would
+/// otherwise hold it open; fails when it is not an open descriptor.
+pub fn claim(fd: i32) -> std::io::Result<()> {
+    // SAFETY: fcntl on an arbitrary number is harmless: it fails with
+    // EBADF when the number is not an open descriptor.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Writes `READY=1\n` to `fd` and closes it, and sends `READY=1` to
 /// `$NOTIFY_SOCKET` when it is set (the systemd protocol; a leading `@`
 /// names an abstract socket). Failures are not fatal: the watch works

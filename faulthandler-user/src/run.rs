@@ -42,6 +42,8 @@ pub enum RunError {
     NoSuchPid(i64),
     #[error("pid {0} is a kernel thread, which has no user stack to report; pick a user process")]
     KernelThread(i64),
+    #[error("--ready-fd {0} is not an open file descriptor")]
+    ReadyFd(i32, #[source] std::io::Error),
     #[error("the program loader thread panicked")]
     Panicked,
     #[error("nothing to watch: give `-- COMMAND`, `--pid PID` or `--all` (see --help)")]
@@ -122,6 +124,9 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
         return Err(RunError::NothingToWatch);
     }
     // Validate everything the user typed before touching the kernel.
+    if let Some(fd) = cli.ready_fd {
+        ready::claim(fd).map_err(|e| RunError::ReadyFd(fd, e))?;
+    }
     let mask = signal_mask(&cli.signals)?;
     let on_signal = cli
         .on_signal

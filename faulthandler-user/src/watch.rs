@@ -191,6 +191,7 @@ impl Watcher {
             Event::Vmas(v) => {
                 let n = (v.nvmas as usize).min(v.vmas.len());
                 self.tracker.add_vmas(v.pid, &v.vmas[..n]);
+                self.assembler.on(Input::Touch(v.pid), now);
             }
             Event::Mmap(p) => self.tracker.mark_stale(p.pid),
             Event::Fork(p) => self.tracker.fork(p.pid, p.arg),

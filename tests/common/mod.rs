@@ -294,9 +294,14 @@ impl Ready {
         // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, 20_000) };
         assert!(n == 1, "rfh-trace never said it was ready");
-        let mut buf = String::new();
-        let _ = read.read_to_string(&mut buf);
-        assert_eq!(buf, "READY=1\n", "rfh-trace exited before it was ready");
+        // Exactly the message: a COMMAND rfh-trace runs may hold the
+        // pipe open for as long as it lives.
+        let mut buf = [0u8; 8];
+        let got = read.read_exact(&mut buf);
+        assert!(
+            got.is_ok() && &buf == b"READY=1\n",
+            "rfh-trace exited before it was ready"
+        );
     }
 }
 

@@ -54,7 +54,7 @@ fn counts(threads: u64, omitted: u64, lost: u64, total: u32) -> Dying {
         total,
         sig: libc::SIGSEGV as u32,
         code: 1,
-        _pad: 0,
+        vma_scans: 0,
     }
 }
 
@@ -173,6 +173,8 @@ fn stalled_death_goes_out_partial_and_progress_delays_it() {
     // The kernel counts more threads omitted: progress, the clock restarts.
     a.on(Input::Progress(PID, counts(1, 500, 0, 1000)), t + STALL / 2);
     assert!(a.tick(t + STALL).is_empty());
+    // A thread's exit record is progress too.
+    a.on(Input::Touch(PID), t + STALL / 2);
     // Unchanged counts are not progress.
     a.on(Input::Progress(PID, counts(1, 500, 0, 1000)), t + STALL);
     let out = a.tick(t + STALL / 2 + STALL);
@@ -183,6 +185,14 @@ fn stalled_death_goes_out_partial_and_progress_delays_it() {
     assert!(c.partial.as_deref().unwrap().contains("stuck"));
     assert_eq!(c.counts.omitted, 500);
     assert_eq!(a.dying().count(), 0);
+    // Its exit record, coming late after all, makes no second report.
+    assert!(
+        a.on(
+            Input::Exit(exit(Some(counts(1, 999, 0, 1000)))),
+            t + STALL * 3
+        )
+        .is_none()
+    );
 }
 
 #[test]
