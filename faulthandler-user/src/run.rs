@@ -33,6 +33,8 @@ pub enum RunError {
     #[error(transparent)]
     Output(#[from] output::OutputError),
     #[error(transparent)]
+    Cli(#[from] crate::cli::CliError),
+    #[error(transparent)]
     Capture(#[from] CaptureError),
     #[error("no such process: {0}; check the pid with `ps -p {0}`")]
     NoSuchPid(i64),
@@ -107,6 +109,7 @@ extern "C" fn on_stop(_: libc::c_int) {
 
 /// Runs rfh-trace; returns the process exit status.
 pub fn run(cli: Cli) -> Result<i32, RunError> {
+    crate::cli::check(&cli)?;
     if let Some(Cmd::Dump { pid }) = cli.cmd {
         return dump(&cli, pid);
     }
@@ -177,12 +180,18 @@ fn watcher(
     dumps: bool,
     warm: &[u32],
 ) -> Result<Watcher, RunError> {
+    // Privileges first: a refused run must not leave an empty file behind.
+    if !privileged() {
+        return Err(RunError::NotPrivileged);
+    }
     let sink = match &cli.output {
         Some(path) => Sink::File(output::open(path)?),
         None => Sink::Stderr,
     };
-    if !privileged() {
-        return Err(RunError::NotPrivileged);
+    // Checked (and created, as the invoking user) now rather than at the
+    // first dump; it is rewritten through the same opener then.
+    if let Some(path) = &cli.flamegraph {
+        output::open_for(path, "--flamegraph")?;
     }
     // Three things overlap: parsing kernel BTF for our offsets, loading
     // and verifying the programs, and warming the pipeline here.
