@@ -82,7 +82,8 @@ pub struct Cli {
     pub max_frames: usize,
 
     /// Most threads captured in one crash report; the rest are counted.
-    #[arg(long, default_value_t = 256, value_name = "N")]
+    #[arg(long, default_value_t = 256, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_threads: u32,
 
     /// Do not watch children forked (and programs exec'd) later.
@@ -127,6 +128,11 @@ pub enum CliError {
         "refusing --exit with --pid {0}: it would SIGKILL init (pid 1) and take the system down with it; drop --exit"
     )]
     KillInit(i64),
+    #[error(
+        "--output and --flamegraph name the same file, {}: each flame graph would overwrite the reports; give two paths",
+        .0.display()
+    )]
+    SameFile(PathBuf),
 }
 
 /// Checks what clap cannot: run first, before anything is created or
@@ -137,7 +143,22 @@ pub fn check(cli: &Cli) -> Result<(), CliError> {
     if let Some(&pid) = cli.pids.iter().find(|&&p| cli.exit && is_init(p)) {
         return Err(CliError::KillInit(pid));
     }
+    if let (Some(out), Some(svg)) = (&cli.output, &cli.flamegraph)
+        && same_file(out, svg)
+    {
+        return Err(CliError::SameFile(svg.clone()));
+    }
     Ok(())
+}
+
+/// The same path, or two paths to one existing file.
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a == b
+        || matches!(
+            (std::fs::metadata(a), std::fs::metadata(b)),
+            (Ok(x), Ok(y)) if (x.dev(), x.ino()) == (y.dev(), y.ino())
+        )
 }
 
 /// Whether `pid` is init, or one of init's threads (whose kill is init's).
@@ -237,6 +258,54 @@ mod clap_tests {
         // --exit stays fine with a command or pids.
         let argv = ["rfh-trace", "--timeout", "1s", "--exit", "--", "true"];
         assert!(Cli::try_parse_from(argv).is_ok());
+    }
+
+    #[test]
+    fn checks_beyond_clap() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("rfh-trace").chain(args.iter().copied())).unwrap()
+        };
+        let cli = parse(&["--pid", "1", "--timeout", "1s", "--exit"]);
+        let e = super::check(&cli).unwrap_err();
+        assert!(matches!(e, super::CliError::KillInit(1)), "{e:?}");
+        // Watching init, or dumping it, is fine.
+        assert!(super::check(&parse(&["--pid", "1", "--timeout", "1s"])).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let a = a.to_str().unwrap();
+        let same = [
+            "--timeout",
+            "1s",
+            "--output",
+            a,
+            "--flamegraph",
+            a,
+            "--",
+            "true",
+        ];
+        let e = super::check(&parse(&same)).unwrap_err();
+        assert!(matches!(e, super::CliError::SameFile(_)), "{e:?}");
+        std::fs::write(a, "").unwrap();
+        let link = dir.path().join("b");
+        std::os::unix::fs::symlink(a, &link).unwrap();
+        let link = link.to_str().unwrap();
+        let aliased = [
+            "--timeout",
+            "1s",
+            "--output",
+            a,
+            "--flamegraph",
+            link,
+            "--",
+            "true",
+        ];
+        assert!(super::check(&parse(&aliased)).is_err());
+    }
+
+    #[test]
+    fn max_threads_is_at_least_one() {
+        let e = error(&["--max-threads", "0", "--", "true"]);
+        assert_eq!(e.kind(), ErrorKind::ValueValidation);
     }
 
     #[test]

@@ -299,6 +299,14 @@ mod tests {
     use super::*;
     use std::os::unix::fs::{PermissionsExt, symlink};
 
+    /// The opener as the user running the tests, whatever SUDO_UID says
+    /// (`sudo cargo test` sets it): acting for the invoking user is
+    /// covered by tests/hostile.rs, as root.
+    fn open(path: &Path) -> Result<File, OutputError> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        open_as(path, "--output", unsafe { libc::geteuid() })
+    }
+
     #[test]
     fn new_file_is_private() {
         let dir = tempfile::tempdir().unwrap();
