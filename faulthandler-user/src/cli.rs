@@ -41,7 +41,8 @@ pub struct Cli {
     #[arg(long, requires = "timeout", conflicts_with = "all")]
     pub exit: bool,
 
-    /// With --timeout: write a flame graph of the CPU samples to FILE.svg.
+    /// With --timeout: write a flame graph of the CPU samples to FILE.svg
+    /// (rewritten at each dump; opened as --output is).
     #[arg(long, value_name = "FILE.svg", requires = "timeout")]
     pub flamegraph: Option<PathBuf>,
 
@@ -68,7 +69,9 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "text", global = true)]
     pub format: Format,
 
-    /// Append reports to this file (created 0600) instead of stderr.
+    /// Append reports to this file instead of stderr: created 0600 (as the
+    /// invoking user under sudo), never truncated; not a symlink, device or
+    /// kernel file (/proc, /sys).
     #[arg(long, short, value_name = "PATH", global = true)]
     pub output: Option<PathBuf>,
 
