@@ -2,112 +2,268 @@
 //!
 //! rfh-trace runs as root and the output path is often in a shared
 //! directory, so opening it must not be a way to make root clobber or
-//! create files elsewhere: the final component is never followed if it is a
-//! symlink, only regular files are accepted, and a file we create is private
-//! (crash reports carry stack bytes, which may hold secrets).
+//! create files elsewhere. [`open_for`] is the one opener for every file
+//! rfh-trace writes (`--output`, `--flamegraph`, later sinks):
+//! - under sudo the whole open runs as the invoking user, so the kernel's
+//!   own permission checks apply and a new file belongs to that user;
+//! - every component is resolved by [`crate::paths`], which refuses a
+//!   symlink planted by another user in a sticky world-writable directory,
+//!   and a file another user owns there;
+//! - the final component is never followed if it is a symlink, only
+//!   regular files are accepted, never on procfs, sysfs or another kernel
+//!   pseudo file system, and an existing file is appended to, never
+//!   truncated;
+//! - a file we create is private, 0600 (crash reports carry stack bytes,
+//!   which may hold secrets).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+
+use crate::{
+    paths::{self, WalkError},
+    spawn::{Invoker, SudoError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
     #[error(
-        "refusing to write to {}: it is a symbolic link; pass the link's target as --output",
+        "refusing to write to {}: it is a symbolic link; pass the link's target as {flag}",
         path.display()
     )]
-    Symlink { path: PathBuf },
+    Symlink { path: PathBuf, flag: &'static str },
     #[error(
-        "refusing to write to {}: it is {kind}, not a regular file; choose a file path for --output",
+        "refusing to write to {}: it is {kind}, not a regular file; choose a file path for {flag}",
         path.display()
     )]
-    NotRegular { path: PathBuf, kind: &'static str },
-    #[error("cannot write to {} (choose a writable --output path)", path.display())]
+    NotRegular {
+        path: PathBuf,
+        kind: &'static str,
+        flag: &'static str,
+    },
+    #[error(
+        "refusing to write to {}: it is on {fs}, a kernel interface, not a file system; choose a file path for {flag}",
+        path.display()
+    )]
+    PseudoFs {
+        path: PathBuf,
+        fs: &'static str,
+        flag: &'static str,
+    },
+    #[error(
+        "refusing to write to {}: {} is a symbolic link owned by uid {owner} in a sticky world-writable directory, which only its owner should follow",
+        path.display(), String::from_utf8_lossy(link)
+    )]
+    PlantedSymlink {
+        path: PathBuf,
+        link: Vec<u8>,
+        owner: libc::uid_t,
+    },
+    #[error(
+        "refusing to write to {}: it belongs to uid {owner} and lies in a sticky directory others can write to; choose another path for {flag}",
+        path.display()
+    )]
+    ForeignFile {
+        path: PathBuf,
+        owner: libc::uid_t,
+        flag: &'static str,
+    },
+    #[error("cannot write to {} (choose a writable {flag} path)", path.display())]
     Open {
         path: PathBuf,
+        flag: &'static str,
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Sudo(#[from] SudoError),
 }
 
-/// Opens `path` for appending, creating it with mode 0600 if it is absent.
+/// Opens `path` for `--output`: see [`open_for`].
 pub fn open(path: &Path) -> Result<File, OutputError> {
+    open_for(path, "--output")
+}
+
+/// Opens `path` for appending, creating it with mode 0600 if it is absent,
+/// as the invoking user under sudo. `flag` names the option the path came
+/// from, for the error messages.
+pub fn open_for(path: &Path, flag: &'static str) -> Result<File, OutputError> {
+    match crate::spawn::invoker()? {
+        None => {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            open_as(path, flag, me)
+        }
+        Some(user) => {
+            let owned = path.to_path_buf();
+            as_user(user, move || open_as(&owned, flag, user.uid)).unwrap_or_else(|source| {
+                Err(OutputError::Open {
+                    path: path.into(),
+                    flag,
+                    source,
+                })
+            })
+        }
+    }
+}
+
+/// Runs `f` on a thread of its own that has taken on `user`'s ids and
+/// groups, and so has none of root's powers over files. Raw syscalls
+/// change the credentials of the calling thread alone (glibc's wrappers
+/// would change every thread's), and the thread ends with `f`.
+fn as_user<T: Send>(user: &Invoker, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    // Changing a thread's ids marks the process non-dumpable; put back
+    // what it was once the thread is gone.
+    // SAFETY: PR_GET_DUMPABLE takes no pointer arguments.
+    let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE) };
+    let result = std::thread::scope(|s| {
+        let worker = std::thread::Builder::new()
+            .name("rfh-open-as-user".into())
+            .spawn_scoped(s, || {
+                let n = user.groups.len();
+                // SAFETY: raw setgroups/setresgid/setresuid on this thread
+                // only; `groups` is live for the call. Groups go first:
+                // once the uid is dropped, changing them is refused.
+                let switched = unsafe {
+                    libc::syscall(libc::SYS_setgroups, n, user.groups.as_ptr()) == 0
+                        && libc::syscall(libc::SYS_setresgid, user.gid, user.gid, user.gid) == 0
+                        && libc::syscall(libc::SYS_setresuid, user.uid, user.uid, user.uid) == 0
+                };
+                if switched {
+                    Ok(f())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            })?;
+        worker
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the file-opening thread panicked")))
+    });
+    if dumpable >= 0 {
+        // SAFETY: PR_SET_DUMPABLE takes a plain integer.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, dumpable as libc::c_ulong) };
+    }
+    result
+}
+
+/// The opener proper, running with the credentials that should apply;
+/// `me` is the uid those credentials stand for.
+fn open_as(path: &Path, flag: &'static str, me: libc::uid_t) -> Result<File, OutputError> {
+    let io_err = |source: io::Error| OutputError::Open {
+        path: path.into(),
+        flag,
+        source,
+    };
+    let (dir, name) = paths::walk_to_parent(path, me).map_err(|e| match e {
+        WalkError::Planted { link, owner } => OutputError::PlantedSymlink {
+            path: path.into(),
+            link,
+            owner,
+        },
+        WalkError::Directory => OutputError::NotRegular {
+            path: path.into(),
+            kind: "a directory",
+            flag,
+        },
+        WalkError::Io(source) => io_err(source),
+    })?;
+    let pseudo = |fs| OutputError::PseudoFs {
+        path: path.into(),
+        fs,
+        flag,
+    };
+    if let Some(fs) = paths::pseudo_fs_of(dir.as_fd()).map_err(io_err)? {
+        return Err(pseudo(fs));
+    }
     // Creating and opening are separate attempts so that a new file is born
     // 0600 while an existing one keeps its owner's mode; retrying covers the
     // file being removed or created by someone else between the two.
     for _ in 0..3 {
-        let created = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path);
+        let created = paths::open_at_mode(
+            Some(dir.as_fd()),
+            &name,
+            libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+            0o600,
+        );
         match created {
-            Ok(file) => return Ok(file),
+            Ok(fd) => return Ok(File::from(fd)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(classify(path, e)),
+            Err(e) => return Err(io_err(e)),
         }
-        // O_NONBLOCK keeps a FIFO without a reader from hanging the open
-        // (it fails with ENXIO instead); on a regular file it does nothing.
-        let existing = OpenOptions::new()
-            .append(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path);
-        match existing {
-            Ok(file) => return check_regular(path, file),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(classify(path, e)),
+        // Look before opening: opening a device or FIFO can have effects
+        // of its own, and an O_PATH descriptor opens nothing.
+        let found = match paths::open_at(Some(dir.as_fd()), &name, libc::O_PATH | libc::O_NOFOLLOW)
+        {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(e)),
+        };
+        let st = paths::fstat(found.as_fd()).map_err(io_err)?;
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFLNK {
+            return Err(OutputError::Symlink {
+                path: path.into(),
+                flag,
+            });
+        }
+        if kind != libc::S_IFREG {
+            return Err(OutputError::NotRegular {
+                path: path.into(),
+                kind: describe(kind),
+                flag,
+            });
+        }
+        // A procfs file bind-mounted onto an ordinary directory.
+        if let Some(fs) = paths::pseudo_fs_of(found.as_fd()).map_err(io_err)? {
+            return Err(pseudo(fs));
+        }
+        let parent = paths::fstat(dir.as_fd()).map_err(io_err)?;
+        if !paths::may_open_existing(&parent, &st, me) {
+            return Err(OutputError::ForeignFile {
+                path: path.into(),
+                owner: st.st_uid,
+                flag,
+            });
+        }
+        // O_NONBLOCK: should a FIFO be swapped in meanwhile, the open fails
+        // (ENXIO) instead of waiting for a reader; the check below then
+        // sees it is not the file we looked at.
+        let opened = paths::open_at(
+            Some(dir.as_fd()),
+            &name,
+            libc::O_WRONLY | libc::O_APPEND | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+        );
+        let fd = match opened {
+            Ok(fd) => fd,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ELOOP | libc::ENXIO)
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(io_err(e)),
+        };
+        let now = paths::fstat(fd.as_fd()).map_err(io_err)?;
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) {
+            return Ok(File::from(fd));
         }
     }
-    Err(OutputError::Open {
-        path: path.into(),
-        source: io::Error::other("it keeps being created and removed by someone else"),
-    })
+    Err(io_err(io::Error::other(
+        "it keeps being created and removed by someone else",
+    )))
 }
 
-fn check_regular(path: &Path, file: File) -> Result<File, OutputError> {
-    let meta = file.metadata().map_err(|source| OutputError::Open {
-        path: path.into(),
-        source,
-    })?;
-    if meta.file_type().is_file() {
-        return Ok(file);
-    }
-    Err(OutputError::NotRegular {
-        path: path.into(),
-        kind: describe(meta.file_type()),
-    })
-}
-
-/// Turns the errno of a refused open into the error that says why.
-fn classify(path: &Path, source: io::Error) -> OutputError {
-    let lstat = std::fs::symlink_metadata(path).map(|m| m.file_type());
-    match (source.raw_os_error(), lstat) {
-        // ELOOP also means a symlink loop in a parent directory; only a link
-        // at the final component is the case O_NOFOLLOW refused.
-        (Some(libc::ELOOP), Ok(ft)) if ft.is_symlink() => {
-            OutputError::Symlink { path: path.into() }
-        }
-        (Some(libc::EISDIR | libc::ENXIO), Ok(ft)) if !ft.is_file() => OutputError::NotRegular {
-            path: path.into(),
-            kind: describe(ft),
-        },
-        _ => OutputError::Open {
-            path: path.into(),
-            source,
-        },
-    }
-}
-
-fn describe(ft: std::fs::FileType) -> &'static str {
-    match ft {
-        _ if ft.is_dir() => "a directory",
-        _ if ft.is_fifo() => "a FIFO",
-        _ if ft.is_socket() => "a socket",
-        _ if ft.is_char_device() => "a character device",
-        _ if ft.is_block_device() => "a block device",
-        _ if ft.is_symlink() => "a symbolic link",
+fn describe(kind: libc::mode_t) -> &'static str {
+    match kind {
+        libc::S_IFDIR => "a directory",
+        libc::S_IFIFO => "a FIFO",
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFCHR => "a character device",
+        libc::S_IFBLK => "a block device",
+        libc::S_IFLNK => "a symbolic link",
         _ => "a special file",
     }
 }
@@ -142,6 +298,14 @@ impl Sink {
 mod tests {
     use super::*;
     use std::os::unix::fs::{PermissionsExt, symlink};
+
+    /// The opener as the user running the tests, whatever SUDO_UID says
+    /// (`sudo cargo test` sets it): acting for the invoking user is
+    /// covered by tests/hostile.rs, as root.
+    fn open(path: &Path) -> Result<File, OutputError> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        open_as(path, "--output", unsafe { libc::geteuid() })
+    }
 
     #[test]
     fn new_file_is_private() {
@@ -227,5 +391,47 @@ mod tests {
             cause.as_deref(),
             Some("No such file or directory (os error 2)")
         );
+    }
+
+    #[test]
+    fn kernel_interfaces_are_refused() {
+        for (path, fs) in [
+            ("/proc/sys/kernel/domainname", "procfs"),
+            ("/proc/self/fd/2", "procfs"),
+            ("/proc/rfh-trace-new-file", "procfs"),
+            ("/sys/kernel/rfh-trace-new-file", "sysfs"),
+        ] {
+            let err = open_for(Path::new(path), "--flamegraph").unwrap_err();
+            assert!(
+                matches!(err, OutputError::PseudoFs { fs: f, .. } if f == fs),
+                "{path}: {err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "refusing to write to {path}: it is on {fs}, a kernel interface, not a file system; choose a file path for --flamegraph"
+                )
+            );
+        }
+        assert!(!Path::new("/proc/rfh-trace-new-file").exists());
+    }
+
+    #[test]
+    fn links_in_parents_are_followed_in_private_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        symlink("real", dir.path().join("via")).unwrap();
+        let mut sink = Sink::File(open(&dir.path().join("via/report.txt")).unwrap());
+        sink.write_report("x\n").unwrap();
+        let text = std::fs::read_to_string(dir.path().join("real/report.txt")).unwrap();
+        assert_eq!(text, "x\n");
+    }
+
+    #[test]
+    fn trailing_slash_names_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = format!("{}/", dir.path().display());
+        let err = open(Path::new(&path)).unwrap_err();
+        assert!(err.to_string().contains("it is a directory"), "{err}");
     }
 }

@@ -7,9 +7,7 @@
 //! Rendered as a "top stacks" list (text and JSON) and as a flame graph SVG.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::io::{self, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use serde::Serialize;
@@ -324,51 +322,20 @@ impl Profile {
     }
 }
 
-/// Opens `path` for writing from the start, creating it 0600; refuses a
-/// symlink as the last component and anything that is not a regular file
-/// (rfh-trace runs as root, often in shared directories).
+/// Opens `path` for writing from the start through rfh-trace's one safe
+/// opener (as the invoking user under sudo, 0600 when created, never a
+/// symlink, a pseudo file system or anything but a regular file), then
+/// empties it: an SVG cannot be appended to.
 fn open_truncate(path: &Path) -> io::Result<std::fs::File> {
-    // O_NONBLOCK: a FIFO without a reader fails (ENXIO) instead of hanging
-    // the open; on a regular file it does nothing.
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "refusing to write to {}: it is a symbolic link",
-                        path.display()
-                    ),
-                )
-            } else {
-                io::Error::new(e.kind(), format!("cannot write to {}: {e}", path.display()))
-            }
-        })?;
-    let ft = file.metadata()?.file_type();
-    if !ft.is_file() {
-        let kind = if ft.is_fifo() {
-            "a FIFO"
-        } else if ft.is_char_device() || ft.is_block_device() {
-            "a device"
-        } else if ft.is_socket() {
-            "a socket"
-        } else {
-            "not a regular file"
+    let file = crate::output::open_for(path, "--flamegraph").map_err(|e| {
+        let kind = match &e {
+            crate::output::OutputError::Open { source, .. } => source.kind(),
+            _ => io::ErrorKind::InvalidInput,
         };
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "refusing to write to {}: it is {kind}, not a regular file",
-                path.display()
-            ),
-        ));
-    }
-    // Truncate only once we know it is a regular file.
+        let cause = std::error::Error::source(&e).map(|c| format!(": {c}"));
+        io::Error::new(kind, format!("{e}{}", cause.unwrap_or_default()))
+    })?;
+    // The opener appends; the descriptor it checked is the one emptied.
     file.set_len(0)?;
     Ok(file)
 }

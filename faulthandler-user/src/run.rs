@@ -37,6 +37,8 @@ pub enum RunError {
     #[error(transparent)]
     Output(#[from] output::OutputError),
     #[error(transparent)]
+    Cli(#[from] crate::cli::CliError),
+    #[error(transparent)]
     Capture(#[from] CaptureError),
     #[error("no such process: {0}; check the pid with `ps -p {0}`")]
     NoSuchPid(i64),
@@ -113,6 +115,7 @@ extern "C" fn on_stop(_: libc::c_int) {
 
 /// Runs rfh-trace; returns the process exit status.
 pub fn run(cli: Cli) -> Result<i32, RunError> {
+    crate::cli::check(&cli)?;
     if let Some(Cmd::Dump { pid }) = cli.cmd {
         return dump(&cli, pid);
     }
@@ -215,8 +218,14 @@ fn watcher(
     warm: &[u32],
     default_out: Out,
 ) -> Result<Watcher, RunError> {
+    // Privileges first: a refused run must not leave an empty file behind.
     if !privileged() {
         return Err(RunError::NotPrivileged);
+    }
+    // Checked (and created, as the invoking user) now rather than at the
+    // first dump; it is rewritten through the same opener then.
+    if let Some(path) = &cli.flamegraph {
+        output::open_for(path, "--flamegraph")?;
     }
     let out = match &cli.output {
         Some(path) => Out::File(output::open(path)?),

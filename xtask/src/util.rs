@@ -193,6 +193,9 @@ pub fn host_triple() -> Result<String> {
 /// When not root, extra cargo arguments that make `cargo test`/`cargo bench`
 /// run the compiled test binaries through `sudo -E` (building stays
 /// unprivileged, so `target/` keeps its owner). Empty when already root.
+/// SUDO_UID/SUDO_GID are dropped: rfh-trace would act for the developer
+/// (run COMMAND and open --output as them), which tests set up explicitly
+/// where they test it.
 pub fn sudo_runner_args() -> Result<Vec<String>> {
     if is_root() {
         return Ok(Vec::new());
@@ -212,6 +215,8 @@ pub fn sudo_runner_args() -> Result<Vec<String>> {
     eprintln!("xtask: not root: test binaries will run via `sudo -E`");
     Ok(vec![
         "--config".into(),
-        format!("target.{triple}.runner = [\"sudo\", \"-E\", \"env\", \"PATH={path}\"]"),
+        format!(
+            "target.{triple}.runner = [\"sudo\", \"-E\", \"env\", \"-u\", \"SUDO_UID\", \"-u\", \"SUDO_GID\", \"PATH={path}\"]"
+        ),
     ])
 }
