@@ -108,6 +108,16 @@ impl Losses {
         Some(delta)
     }
 
+    /// Takes back a record that could not be queued, so the next one
+    /// covers its counts too.
+    pub fn unrecord(&mut self, delta: &BTreeMap<&'static str, u64>) {
+        for (k, d) in delta {
+            if let Some(v) = self.recorded.get_mut(k) {
+                *v = v.saturating_sub(*d);
+            }
+        }
+    }
+
     /// `lost 550 ring_full, 2 write_failed` over the whole run, or None.
     pub fn summary(&self) -> Option<String> {
         if self.totals.is_empty() {
@@ -161,13 +171,19 @@ mod tests {
         assert_eq!(r.get("ring_full"), Some(&2));
         assert_eq!(r.get("queue_full"), Some(&1));
         assert!(l.take_record(t + RECORD_EVERY * 3, true).is_none());
+        // A record that could not be queued is taken back whole.
+        k[0] = 9;
+        l.update(&k, UserDrops::default());
+        let r = l.take_record(t + RECORD_EVERY * 3, true).unwrap();
+        l.unrecord(&r);
+        assert_eq!(l.take_record(t + RECORD_EVERY * 3, true), Some(r));
         // Threads lost from a report are that report's to say.
         k[1] = 3;
         l.update(&k, UserDrops::default());
         assert!(l.take_record(t + RECORD_EVERY * 4, true).is_none());
         assert_eq!(
             l.summary().unwrap(),
-            "lost during this run: 7 ring_full, 3 threads_ring_full (see docs/report-format.md, \"Losses\")"
+            "lost during this run: 1 queue_full, 9 ring_full, 3 threads_ring_full (see docs/report-format.md, \"Losses\")"
         );
     }
 }

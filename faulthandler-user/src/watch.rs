@@ -127,11 +127,12 @@ impl Watcher {
         self.read_drops();
         if let Some(lost) = self.losses.take_record(now, force_loss_record) {
             let time = rfc3339(clock_ns(libc::CLOCK_REALTIME).max(0) as u128);
-            let record = LossRecord::new(time, self.host.clone(), lost);
+            let record = LossRecord::new(time, self.host.clone(), lost.clone());
             if force_loss_record {
                 self.workers.submit_wait(Job::Loss(record));
-            } else {
-                self.workers.submit(Job::Loss(record));
+            } else if !self.workers.try_submit(Job::Loss(record)) {
+                // Not lost: it goes out with the next record.
+                self.losses.unrecord(&lost);
             }
         }
     }

@@ -8,7 +8,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
     thread::JoinHandle,
@@ -27,10 +27,13 @@ use crate::{
     sink::Sink,
 };
 
-/// Jobs waiting for a worker; beyond this the newest is dropped and
-/// counted (`queue_full`). A crash job holds up to `--max-threads` stack
-/// copies, so this bounds memory too.
-const QUEUE: usize = 64;
+/// Jobs waiting for a worker, at most; beyond this, or beyond
+/// `QUEUE_BYTES` of captured stacks, the newest job is dropped and counted
+/// (`queue_full`). A burst of crashes (the ring buffer's worth, after
+/// rfh-trace was stopped) fits; a crash job holds up to `--max-threads`
+/// stack copies, so the byte bound is what bounds memory.
+const QUEUE: usize = 4096;
+const QUEUE_BYTES: usize = 24 << 20;
 /// Stacks listed in a timeout report's CPU profile.
 const PROFILE_TOP: usize = 10;
 
@@ -69,6 +72,21 @@ pub struct Stats {
     pub queue_full: AtomicU64,
     pub write_failed: AtomicU64,
     pub reports: AtomicU64,
+    /// Captured bytes in queued jobs.
+    pub queued_bytes: AtomicUsize,
+}
+
+impl Job {
+    /// What the job holds in memory, roughly: its stack copies and records.
+    fn bytes(&self) -> usize {
+        const RECORD: usize = std::mem::size_of::<SignalCapture>();
+        let thread = |t: &ThreadJob| RECORD + t.cap.stack.len();
+        match self {
+            Job::Report(r) => r.threads.iter().map(thread).sum(),
+            Job::Sample(t) => thread(t),
+            Job::Forget(_) | Job::Loss(_) => 0,
+        }
+    }
 }
 
 pub struct WorkerOptions {
@@ -119,15 +137,36 @@ impl Workers {
 
     /// Queues a job; a full queue drops it and counts the drop.
     pub fn submit(&self, job: Job) {
-        let Some(tx) = &self.tx else { return };
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(job) {
+        if !self.try_submit(job) {
             self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Queues a job, waiting for room: for the last records at shutdown.
+    /// Queues a job if there is room; false (nothing counted) if not.
+    pub fn try_submit(&self, job: Job) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        let bytes = job.bytes();
+        let queued = self.stats.queued_bytes.load(Ordering::Relaxed);
+        if bytes > 0 && queued + bytes > QUEUE_BYTES {
+            return false;
+        }
+        self.stats.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        match tx.try_send(job) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Queues a job, waiting for room: for the last records at shutdown,
+    /// and for dumps, which the user asked for and waits on.
     pub fn submit_wait(&self, job: Job) {
         if let Some(tx) = &self.tx {
+            self.stats
+                .queued_bytes
+                .fetch_add(job.bytes(), Ordering::Relaxed);
             let _ = tx.send(job);
         }
     }
@@ -158,6 +197,9 @@ struct Worker {
 impl Worker {
     fn run(mut self, rx: Receiver<Job>) {
         for job in rx {
+            self.stats
+                .queued_bytes
+                .fetch_sub(job.bytes(), Ordering::Relaxed);
             match job {
                 Job::Report(j) => {
                     let report = self.report(*j);
