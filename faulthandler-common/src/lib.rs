@@ -267,6 +267,9 @@ pub struct Dying {
     pub omitted: u64,
     /// Thread records that did not fit in the ring.
     pub lost: u64,
+    /// Threads that have exited since the death began: a death of
+    /// thousands of threads takes seconds, and this shows it progressing.
+    pub exited: u64,
     /// Threads in the process when its death began (`signal->nr_threads`).
     pub total: u32,
     /// The signal it is dying of, and its si_code (0 when unknown).
@@ -436,8 +439,8 @@ assert_size!(
 );
 assert_size!(ProcEvent, 40);
 assert_size!(KernelOffsets, 28 * 4);
-assert_size!(Dying, 40);
-assert_size!(ExitEvent, 32 + 40);
+assert_size!(Dying, 48);
+assert_size!(ExitEvent, 32 + 48);
 assert_size!(DumpCtl, 24);
 assert_size!(VmaEvent, 24 + VMA_MAX * (40 + VMA_NAME_LEN));
 assert_size!(ExecEvent, 24 + EXEC_PATH_LEN);

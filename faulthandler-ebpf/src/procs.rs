@@ -117,6 +117,7 @@ fn try_exit(ctx: &RawTracePointContext) -> Option<()> {
     // SAFETY: `d` points into a live map value; the scan count is a cap,
     // so a race between exiting threads costs at most a scan or two.
     let dying = d.map(|d| unsafe {
+        crate::atomic_inc(&raw mut (*d).exited);
         if (*d).vma_scans < VMA_SCANS {
             (*d).vma_scans += 1;
             emit_vmas(cfg, tgid, tid);

@@ -51,6 +51,7 @@ fn counts(threads: u64, omitted: u64, lost: u64, total: u32) -> Dying {
         threads,
         omitted,
         lost,
+        exited: 0,
         total,
         sig: libc::SIGSEGV as u32,
         code: 1,
