@@ -8,7 +8,7 @@ use crate::{
     procs::Tracker,
     report::Thread,
     symbolize::Symbolizer,
-    unwind::{Method, Regs, StackCopy, Unwinder},
+    unwind::{CodeAddr, Regs, StackCopy, Unwinder},
 };
 
 /// Long-lived, so parsed unwind tables and DWARF are reused across reports.
@@ -27,11 +27,18 @@ impl Pipeline {
         }
     }
 
+    /// Drops what the unwinder and symbolizer cache for the file at
+    /// `open_path` (a deleted binary no tracked process maps any more).
+    pub fn forget_file(&mut self, open_path: &std::path::Path) {
+        self.unwinder.forget_file(open_path);
+        self.symbolizer.forget_file(open_path);
+    }
+
     /// Reads the unwind tables and debug info of `modules` ahead of the
     /// first report that needs them.
     pub fn warm(&mut self, modules: &[Module]) {
         let Some(first) = modules.first() else { return };
-        let starts: Vec<u64> = modules.iter().map(|m| m.start).collect();
+        let starts: Vec<CodeAddr> = modules.iter().map(|m| CodeAddr::exact(m.start)).collect();
         let _ = self.symbolizer.symbolize_stacks(&[&starts], modules);
         let regs = Regs {
             ip: first.start,
@@ -59,7 +66,7 @@ impl Pipeline {
     /// addresses of all that share the same modules symbolized in one batch.
     pub fn threads(&mut self, tracker: &Tracker, caps: &[(&SignalCapture, bool)]) -> Vec<Thread> {
         let mut threads = Vec::with_capacity(caps.len());
-        let mut pending: Vec<(usize, Vec<u64>, Vec<Module>)> = Vec::new();
+        let mut pending: Vec<(usize, Vec<CodeAddr>, Vec<Module>)> = Vec::new();
         for (i, &(s, current)) in caps.iter().enumerate() {
             let (thread, unwound) = self.unwind(tracker, s, current);
             threads.push(thread);
@@ -71,12 +78,12 @@ impl Pipeline {
             let modules = pending[0].2.clone();
             let (same, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|p| p.2 == modules);
             pending = rest;
-            let stacks: Vec<&[u64]> = same.iter().map(|p| p.1.as_slice()).collect();
+            let stacks: Vec<&[CodeAddr]> = same.iter().map(|p| p.1.as_slice()).collect();
             for ((i, _, _), frames) in same
                 .iter()
                 .zip(self.symbolizer.symbolize_stacks(&stacks, &modules))
             {
-                threads[*i].frames = frames;
+                threads[*i].frames = frames.into_iter().flatten().collect();
             }
         }
         threads
@@ -89,7 +96,7 @@ impl Pipeline {
         tracker: &Tracker,
         s: &SignalCapture,
         current: bool,
-    ) -> (Thread, Option<(Vec<u64>, Vec<Module>)>) {
+    ) -> (Thread, Option<(Vec<CodeAddr>, Vec<Module>)>) {
         let ev = &s.event;
         let mut t = Thread {
             tid: ev.tid,
@@ -119,19 +126,18 @@ impl Pipeline {
         // No stack bytes at all (the copy faulted): the kernel's
         // frame-pointer walk is all there is.
         let fp_len = (ev.fp_len as usize).min(ev.fp.len());
-        if unwound.addrs.len() <= 1 && fp_len > 1 {
-            unwound.addrs = ev.fp[..fp_len].to_vec();
-            unwound.method = Method::FramePointer;
+        if unwound.frames.len() <= 1 && fp_len > 1 {
+            unwound = Unwinder::unwind_fp_chain(&ev.fp[..fp_len], &modules, self.max_frames);
         }
         t.truncated = unwound.truncated;
         t.unwind = Some(unwound.method.as_str());
-        t.error = unwound.error;
+        t.error = unwound.error.map(|e| e.to_string());
         if s.stack.is_empty() {
             t.error = Some(format!(
                 "could not copy the user stack (error {})",
                 ev.stack_err
             ));
         }
-        (t, Some((unwound.addrs, modules)))
+        (t, Some((unwound.frames, modules)))
     }
 }
