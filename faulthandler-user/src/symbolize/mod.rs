@@ -360,4 +360,82 @@ mod tests {
             "{f:?}"
         );
     }
+
+    /// Files under `dir` this process holds open or mapped.
+    fn held_under(dir: &std::path::Path) -> std::collections::BTreeSet<PathBuf> {
+        let fds = std::fs::read_dir("/proc/self/fd").unwrap();
+        let mut held: std::collections::BTreeSet<PathBuf> = fds
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|p| p.starts_with(dir))
+            .collect();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mapped = maps.lines().filter_map(|l| l.split_whitespace().nth(5));
+        held.extend(mapped.map(PathBuf::from).filter(|p| p.starts_with(dir)));
+        held
+    }
+
+    #[test]
+    fn forgotten_and_over_budget_files_are_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let exes: Vec<PathBuf> = (0..4)
+            .map(|i| {
+                let sub = dir.path().join(i.to_string());
+                std::fs::create_dir(&sub).unwrap();
+                compile(&sub, "cc", "prog.c", C_SRC)
+            })
+            .collect();
+        let (outer, _) = symbol(&exes[0], false, |n| n == "outer");
+        let check = |s: &mut Symbolizer, exe: &PathBuf| {
+            let frames = s.symbolize(&[BIAS + outer], &[exec_module(exe)]);
+            assert_eq!(name(frames.last().unwrap()), "outer", "{frames:?}");
+        };
+
+        let mut s = Symbolizer::new();
+        for exe in &exes {
+            check(&mut s, exe);
+        }
+        assert_eq!(held_under(dir.path()).len(), exes.len());
+        assert_eq!(s.opened.len(), exes.len());
+        for exe in &exes {
+            s.forget_file(exe);
+        }
+        assert!(
+            held_under(dir.path()).is_empty(),
+            "{:?}",
+            held_under(dir.path())
+        );
+        assert_eq!(s.opened.len(), 0);
+        assert!(s.files.is_empty());
+        // Forgotten files are read again when asked for.
+        check(&mut s, &exes[0]);
+
+        let limits = SymbolizerLimits {
+            files: 2,
+            bytes: u64::MAX,
+        };
+        drop(s);
+        let mut s = Symbolizer::new().with_limits(limits);
+        for exe in &exes {
+            check(&mut s, exe);
+            assert!(
+                held_under(dir.path()).len() <= 2,
+                "{:?}",
+                held_under(dir.path())
+            );
+        }
+        let size = std::fs::metadata(&exes[0]).unwrap().len();
+        drop(s);
+        let mut s = Symbolizer::new().with_limits(SymbolizerLimits {
+            files: 100,
+            bytes: size,
+        });
+        for exe in &exes {
+            check(&mut s, exe);
+            assert!(
+                held_under(dir.path()).len() <= 1,
+                "{:?}",
+                held_under(dir.path())
+            );
+        }
+    }
 }

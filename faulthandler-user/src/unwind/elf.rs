@@ -2,8 +2,8 @@
 //! it is loaded, and the unwind sections and CFI coverage it contributes.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt as _;
 use std::ops::Range;
+use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -82,7 +82,8 @@ impl Mapped {
     pub(super) fn cfi_trampoline(&self, ra: u64) -> bool {
         let t = &self.file.cfi.trampolines;
         let svma = ra.wrapping_sub(self.bias);
-        self.range.contains(&ra) && (cfi::contains(t, svma) || cfi::contains(t, svma.wrapping_sub(1)))
+        self.range.contains(&ra)
+            && (cfi::contains(t, svma) || cfi::contains(t, svma.wrapping_sub(1)))
     }
 }
 
@@ -167,7 +168,9 @@ pub(super) fn load_elf(path: &Path, build_id: Option<&[u8]>) -> Option<ElfInfo> 
         (Some(d), Some(r)) => cfi::eh_frame(d, r.start, bases),
         _ => Coverage::default(),
     };
-    let debug_cfi = debug_frame.as_deref().map_or_else(Coverage::default, cfi::debug_frame);
+    let debug_cfi = debug_frame
+        .as_deref()
+        .map_or_else(Coverage::default, cfi::debug_frame);
     let mut sections = ExplicitModuleSectionInfo {
         base_svma,
         text_svma,
@@ -187,9 +190,13 @@ pub(super) fn load_elf(path: &Path, build_id: Option<&[u8]>) -> Option<ElfInfo> 
         eh_cfi
     };
     let len = |d: &Option<Data>| d.as_ref().map_or(0, |d| d.len() as u64);
-    let bytes = [&sections.eh_frame, &sections.eh_frame_hdr, &sections.debug_frame]
-        .into_iter()
-        .fold(cfi.heap_bytes(), |n, d| n.saturating_add(len(d)));
+    let bytes = [
+        &sections.eh_frame,
+        &sections.eh_frame_hdr,
+        &sections.debug_frame,
+    ]
+    .into_iter()
+    .fold(cfi.heap_bytes(), |n, d| n.saturating_add(len(d)));
     Some(ElfInfo {
         loads,
         base_svma,
@@ -244,5 +251,30 @@ mod tests {
         other[0] ^= 0xff;
         assert!(load_elf(exe, Some(&other)).is_none(), "replaced file");
         assert!(load_elf(exe, None).is_some());
+    }
+
+    #[test]
+    fn unwind_sigreturn_code_where_cfi_says_signal_frame() {
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+        let libc = maps.lines().find_map(|l| {
+            let path = l.split_whitespace().nth(5)?;
+            path.contains("/libc.so")
+                .then(|| Path::new(path).to_path_buf())
+        });
+        let libc = libc.expect("the test binary maps libc");
+        let info = load_elf(&libc, None).expect("libc parses");
+        let tramp = info.cfi.trampolines.first();
+        let &(start, _) = tramp.expect("glibc marks __restore_rt with an `S` CIE");
+        let offset = |svma: u64| {
+            let l = info
+                .loads
+                .iter()
+                .find(|l| l.vaddr <= svma && svma < l.vaddr + l.filesz);
+            svma - l.expect("in a segment").vaddr + l.expect("in a segment").offset
+        };
+        // glibc's FDE starts at the nop before `__restore_rt`.
+        assert!(is_sigreturn(&libc, offset(start + 1)));
+        assert!(!is_sigreturn(&libc, offset(start)));
+        assert!(!is_sigreturn(Path::new("/nonexistent"), 0));
     }
 }

@@ -21,9 +21,9 @@ use std::sync::Arc;
 use framehop::Unwinder as _;
 use framehop::x86_64::UnwinderX86_64;
 
+pub use self::cache::CacheLimits;
 use self::cache::FileCache;
 use self::elf::Mapped;
-pub use self::cache::CacheLimits;
 use crate::modules::{self, Module};
 
 type Data = Arc<[u8]>;

@@ -75,7 +75,10 @@ impl SigFrame {
     /// Whether the handler ran on the sigaltstack while the interrupted
     /// code did not, so the interrupted frames are on another stack.
     pub(super) fn switched_stacks(&self, uc: u64) -> bool {
-        let on = |a: u64| self.altstack.is_some_and(|(sp, size)| a.wrapping_sub(sp) < size);
+        let on = |a: u64| {
+            self.altstack
+                .is_some_and(|(sp, size)| a.wrapping_sub(sp) < size)
+        };
         on(uc) && !on(self.sp)
     }
 }
@@ -159,11 +162,17 @@ mod tests {
             altstack: Some(alt),
         };
         assert!(f.switched_stacks(0x6000_3000));
-        assert!(!f.switched_stacks(0x7ffd_0000_1000), "handler on the main stack");
+        assert!(
+            !f.switched_stacks(0x7ffd_0000_1000),
+            "handler on the main stack"
+        );
         let nested = SigFrame {
             sp: 0x6000_3800,
             ..f
         };
-        assert!(!nested.switched_stacks(0x6000_3000), "fault on the altstack");
+        assert!(
+            !nested.switched_stacks(0x6000_3000),
+            "fault on the altstack"
+        );
     }
 }

@@ -128,7 +128,9 @@ fn null_call(
         return None;
     }
     let sp = fregs.sp();
-    let ra = stack.read_u64(sp).filter(|&ra| code.is_return_address(ra))?;
+    let ra = stack
+        .read_u64(sp)
+        .filter(|&ra| code.is_return_address(ra))?;
     fregs.set_sp(sp.checked_add(8)?);
     fregs.set_ip(ra);
     Some(ra)
@@ -184,4 +186,219 @@ fn signal_frame(
     }
     *fregs = UnwindRegsX86_64::new(sf.ip, sf.sp, sf.bp);
     Some(sf.ip)
+}
+
+/// Synthetic stacks: no ELF files, so framehop walks frame pointers, and
+/// the trampoline is whatever address the test says.
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::unwind::sigframe;
+
+    const CODE: u64 = 0x1000_0000;
+    const HANDLER: u64 = CODE + 0x100;
+    const FAULT: u64 = CODE + 0x200;
+    const CALLER: u64 = CODE + 0x300;
+    const TRAMPOLINE: u64 = CODE + 0x800;
+    const BASE: u64 = 0x7ffd_0000_0000;
+    /// "SECRETPW" as a little-endian word.
+    const SECRET: u64 = 0x5750_5445_5243_4553;
+
+    fn modules() -> Vec<Module> {
+        vec![Module {
+            open_path: PathBuf::from("/nonexistent/a"),
+            name: "/a".into(),
+            start: CODE,
+            end: CODE + 0x1_0000,
+            file_offset: 0,
+            build_id: None,
+        }]
+    }
+
+    /// A stack of `fill` words with `words` stored at their addresses.
+    fn stack(fill: u64, words: &[(u64, u64)]) -> Vec<u8> {
+        let mut b: Vec<u8> = (0..0x200).flat_map(|_| fill.to_le_bytes()).collect();
+        for &(addr, v) in words {
+            put(&mut b, addr, &v.to_le_bytes());
+        }
+        b
+    }
+
+    fn put(b: &mut [u8], addr: u64, bytes: &[u8]) {
+        let off = (addr - BASE) as usize;
+        b[off..off + bytes.len()].copy_from_slice(bytes);
+    }
+
+    fn walk_on(bytes: &[u8], regs: Regs) -> Unwound {
+        let modules = modules();
+        let no_cfi = |_: u64| false;
+        let mut is_trampoline = |ra: u64| ra == TRAMPOLINE;
+        let mut code = Code {
+            modules: &modules,
+            has_cfi: &no_cfi,
+            is_trampoline: &mut is_trampoline,
+        };
+        let stack = StackCopy { base: BASE, bytes };
+        walk(&UnwinderX86_64::new(), &mut code, &regs, &stack, 64)
+    }
+
+    /// The handler's frame (rbp chain) returns to the trampoline at
+    /// BASE+0x18, the kernel's frame above it; the interrupted code's
+    /// frame-pointer chain starts at BASE+0x400 and ends at BASE+0x500.
+    fn handler_stack(interrupted: sigframe::SigFrame) -> Vec<u8> {
+        let mut b = stack(0, &[(BASE + 0x400, BASE + 0x500), (BASE + 0x408, CALLER)]);
+        put(
+            &mut b,
+            BASE + 0x18,
+            &sigframe::build(TRAMPOLINE, &interrupted),
+        );
+        b
+    }
+
+    fn in_handler() -> Regs {
+        Regs {
+            ip: HANDLER,
+            sp: BASE,
+            bp: BASE + 0x10,
+        }
+    }
+
+    fn fault() -> sigframe::SigFrame {
+        sigframe::SigFrame {
+            ip: FAULT,
+            sp: BASE + 0x400,
+            bp: BASE + 0x400,
+            signo: 11,
+            code: 1,
+            addr: 0x40,
+            altstack: None,
+        }
+    }
+
+    #[test]
+    fn unwind_hand_built_rt_sigframe() {
+        let u = walk_on(&handler_stack(fault()), in_handler());
+        let want = [
+            CodeAddr::exact(HANDLER),
+            CodeAddr::exact(FAULT),
+            CodeAddr::ret(CALLER),
+        ];
+        assert_eq!(u.frames, want, "{u:?}");
+        let sig = SignalFrame {
+            index: 1,
+            signo: 11,
+            code: 1,
+            addr: 0x40,
+        };
+        assert_eq!(u.signal_frames, [sig]);
+        assert_eq!(u.error, None, "{u:?}");
+
+        // A NULL call interrupted: its caller's return address is at [sp].
+        let null = sigframe::SigFrame { ip: 0, ..fault() };
+        let mut b = handler_stack(null);
+        put(&mut b, BASE + 0x400, &CALLER.to_le_bytes());
+        let u = walk_on(&b, in_handler());
+        assert_eq!(u.frames[1..3], [CodeAddr::exact(0), CodeAddr::ret(CALLER)]);
+    }
+
+    #[test]
+    fn unwind_signal_frame_that_cannot_be_followed() {
+        let cases = [
+            // Forged: the saved rip is a memory word, not code.
+            (
+                sigframe::SigFrame {
+                    ip: SECRET,
+                    ..fault()
+                },
+                1,
+                UnwindError::InterruptedIpNotCode,
+            ),
+            // Handler on the altstack, interrupted code elsewhere.
+            (
+                sigframe::SigFrame {
+                    sp: 0x7fff_0000_0000,
+                    altstack: Some((BASE, 0x1000)),
+                    ..fault()
+                },
+                2,
+                UnwindError::OtherStack,
+            ),
+            // Same stack, further up than the copy.
+            (
+                sigframe::SigFrame {
+                    sp: BASE + 0x10_0000,
+                    ..fault()
+                },
+                2,
+                UnwindError::OutsideCopy,
+            ),
+            // Below the signal frame it was interrupted to push.
+            (
+                sigframe::SigFrame {
+                    sp: BASE + 8,
+                    ..fault()
+                },
+                2,
+                UnwindError::SpDidNotIncrease,
+            ),
+        ];
+        for (sf, frames, error) in cases {
+            let u = walk_on(&handler_stack(sf), in_handler());
+            assert_eq!(u.frames.len(), frames, "{sf:?}: {u:?}");
+            assert_eq!(u.error, Some(error), "{sf:?}: {u:?}");
+            assert_eq!(u.signal_frames.len(), 1, "the signal is known: {u:?}");
+            assert!(!u.frames.iter().any(|f| f.addr == SECRET));
+        }
+        let u = walk_on(
+            &handler_stack(sigframe::SigFrame {
+                sp: BASE + 0x10_0000,
+                ..fault()
+            }),
+            in_handler(),
+        );
+        assert!(u.truncated, "{u:?}");
+    }
+
+    #[test]
+    fn unwind_never_shows_non_code_words() {
+        // Frame pointer aimed at a buffer of secrets.
+        let bytes = stack(SECRET, &[]);
+        let regs = Regs {
+            ip: HANDLER,
+            sp: BASE,
+            bp: BASE + 0x40,
+        };
+        let u = walk_on(&bytes, regs);
+        assert_eq!(u.frames, [CodeAddr::exact(HANDLER)], "{u:?}");
+        assert_eq!(u.error, Some(UnwindError::NotCode));
+        let msg = UnwindError::NotCode.to_string();
+        assert!(!msg.contains("0x") && !msg.contains("5750"), "{msg}");
+        // IP 0 with no return address at [sp]: the IP alone, never [sp].
+        let u = walk_on(&bytes, Regs { ip: 0, ..regs });
+        assert_eq!(u.frames, [CodeAddr::exact(0)], "{u:?}");
+        // A wild IP is a register: kept, as gdb shows it.
+        let u = walk_on(&stack(0, &[(BASE, CALLER)]), Regs { ip: SECRET, ..regs });
+        assert_eq!(u.frames, [CodeAddr::exact(SECRET), CodeAddr::ret(CALLER)]);
+    }
+
+    #[test]
+    fn unwind_fp_chain_through_the_same_filter() {
+        let modules = modules();
+        let chain = |fp: &[u64], max| super::super::Unwinder::unwind_fp_chain(fp, &modules, max);
+        let u = chain(&[HANDLER, CALLER, SECRET, CALLER], 64);
+        let want = [CodeAddr::exact(HANDLER), CodeAddr::ret(CALLER)];
+        assert_eq!(
+            (&u.frames[..], u.error),
+            (&want[..], Some(UnwindError::NotCode))
+        );
+        assert_eq!(u.method, Method::FramePointer);
+        let u = chain(&[0, CALLER, 0, SECRET], 64);
+        assert_eq!(u.frames, [CodeAddr::exact(0), CodeAddr::ret(CALLER)]);
+        assert_eq!(u.error, None);
+        let u = chain(&[HANDLER, CALLER, CALLER], 2);
+        assert_eq!((u.frames.len(), u.truncated), (2, true));
+        assert!(chain(&[], 64).frames.is_empty());
+    }
 }
