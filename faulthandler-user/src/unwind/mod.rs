@@ -87,19 +87,32 @@ impl CodeAddr {
 }
 
 /// A signal handler frame found on the stack: gdb's `<signal handler
-/// called>`. The kernel's siginfo in it names the signal the handler was
-/// called for, e.g. the original SIGSEGV of a handler that re-raised.
+/// called>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SignalFrame {
-    /// `frames[index]` is the interrupted instruction (exact) and what
-    /// follows its callers; the handler's frames are before it. May equal
+    /// `frames[index]` is the interrupted instruction (an exact address),
+    /// then come its callers; the handler's frames are before it. Equals
     /// `frames.len()` when the unwind stopped at the signal frame.
     pub index: usize,
+    /// The interrupted IP and stack pointer, as the kernel saved them: they
+    /// equal the registers at the delivery that called the handler, which
+    /// is how a capture of that delivery is matched with this frame.
+    pub ip: u64,
+    pub sp: u64,
+    /// The signal the handler was called for, when the frame holds it in a
+    /// form the kernel's own register save confirms (an SA_SIGINFO
+    /// handler of a fault: see `sigframe`). `None` otherwise: the bytes
+    /// are then whatever the stack held.
+    pub info: Option<SigInfo>,
+}
+
+/// The part of a siginfo a report names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SigInfo {
     pub signo: i32,
     /// si_code, e.g. SEGV_MAPERR.
     pub code: i32,
-    /// si_addr, meaningful for faults (SIGSEGV, SIGBUS, SIGILL, SIGFPE).
-    /// Read from the stack: a program could forge it.
+    /// si_addr.
     pub addr: u64,
 }
 
@@ -130,7 +143,7 @@ pub enum UnwindError {
     NotCode,
     #[error("the stack pointer did not increase")]
     SpDidNotIncrease,
-    #[error("unreadable signal frame")]
+    #[error("the signal frame is past the captured copy")]
     BadSignalFrame,
     #[error("the interrupted instruction pointer is outside any executable mapping (not shown)")]
     InterruptedIpNotCode,

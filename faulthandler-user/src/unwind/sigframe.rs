@@ -5,8 +5,12 @@
 //! Layout from arch/x86/include/asm/sigframe.h, uapi/asm/sigcontext.h and
 //! uapi/asm-generic/ucontext.h; only userspace reads it, so it lives here
 //! rather than in faulthandler-common.
+//!
+//! The kernel writes the siginfo only for SA_SIGINFO handlers; otherwise
+//! that part of the frame is whatever the stack held before. It is trusted
+//! only where the sigcontext, always written, says the same.
 
-use super::StackCopy;
+use super::{SigInfo, StackCopy};
 
 /// `struct ucontext`: uc_flags, uc_link, then `stack_t uc_stack`
 /// (ss_sp, ss_flags + padding, ss_size), then `uc_mcontext`.
@@ -20,6 +24,8 @@ const UCONTEXT_SIZE: u64 = UC_MCONTEXT + 256 + 8;
 const SC_RBP: u64 = 80;
 const SC_RSP: u64 = 120;
 const SC_RIP: u64 = 128;
+const SC_TRAPNO: u64 = 160;
+const SC_CR2: u64 = 176;
 /// Offsets in `siginfo_t`: si_signo, si_errno, si_code, then the union
 /// whose first member for faults is si_addr.
 const SI_SIGNO: u64 = 0;
@@ -27,8 +33,15 @@ const SI_CODE: u64 = 8;
 const SI_ADDR: u64 = 16;
 /// `ss_flags` value of an altstack that is not set up.
 const SS_DISABLE: u32 = 2;
-/// Highest real-time signal number on Linux.
-const SIGRTMAX: i32 = 64;
+/// x86 exception vectors (`trapno`).
+const TRAP_GP: u64 = 13;
+const TRAP_PF: u64 = 14;
+const SIGILL: i32 = 4;
+const SIGBUS: i32 = 7;
+const SIGFPE: i32 = 8;
+const SIGSEGV: i32 = 11;
+/// si_code of a signal the kernel raised without a fault address (#GP).
+const SI_KERNEL: i32 = 0x80;
 
 /// What the kernel saved when it delivered a signal to a handler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,37 +50,50 @@ pub(super) struct SigFrame {
     pub(super) ip: u64,
     pub(super) sp: u64,
     pub(super) bp: u64,
-    pub(super) signo: i32,
-    pub(super) code: i32,
-    pub(super) addr: u64,
+    /// The siginfo, when the sigcontext corroborates it.
+    pub(super) info: Option<SigInfo>,
     /// The sigaltstack in force at delivery, if one was set up.
     pub(super) altstack: Option<(u64, u64)>,
+}
+
+/// The part of the sigcontext a fault fills in: the exception vector and,
+/// for a page fault, the address (of the thread's last trap, which may be
+/// older than this signal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Trap {
+    trapno: u64,
+    cr2: u64,
 }
 
 impl SigFrame {
     /// Reads the frame whose `ucontext` starts at `uc`: the stack pointer
     /// at which the trampoline runs, i.e. just past `pretcode`. `None` when
-    /// it is not all in the copy or is not a signal frame.
+    /// the registers are not in the copy.
     pub(super) fn read(stack: &StackCopy, uc: u64) -> Option<Self> {
         let word = |off: u64| stack.read_u64(uc.checked_add(off)?);
-        let info = uc.checked_add(UCONTEXT_SIZE)?;
-        let half = |off: u64| word_lo(stack, info.checked_add(off)?);
         let sc = |off: u64| word(UC_MCONTEXT + off);
-        let signo = half(SI_SIGNO)?;
-        if !(1..=SIGRTMAX).contains(&signo) {
-            return None;
-        }
         let (ss_sp, ss_size) = (word(UC_STACK_SP)?, word(UC_STACK_SIZE)?);
         let ss_flags = word(UC_STACK_FLAGS)? as u32;
         let altstack = (ss_flags & SS_DISABLE == 0 && ss_size != 0).then_some((ss_sp, ss_size));
+        let ip = sc(SC_RIP)?;
+        let trap = Trap {
+            trapno: sc(SC_TRAPNO)?,
+            cr2: sc(SC_CR2)?,
+        };
+        let info = uc.checked_add(UCONTEXT_SIZE).and_then(|info| {
+            let int = |off: u64| word_lo(stack, info.checked_add(off)?);
+            let claimed = SigInfo {
+                signo: int(SI_SIGNO)?,
+                code: int(SI_CODE)?,
+                addr: stack.read_u64(info.checked_add(SI_ADDR)?)?,
+            };
+            corroborated(&claimed, ip, trap).then_some(claimed)
+        });
         Some(SigFrame {
-            ip: sc(SC_RIP)?,
+            ip,
             sp: sc(SC_RSP)?,
             bp: sc(SC_RBP)?,
-            signo,
-            code: half(SI_CODE)?,
-            // Only meaningful for faults; the reader of `code` decides.
-            addr: stack.read_u64(info.checked_add(SI_ADDR)?)?,
+            info,
             altstack,
         })
     }
@@ -75,11 +101,23 @@ impl SigFrame {
     /// Whether the handler ran on the sigaltstack while the interrupted
     /// code did not, so the interrupted frames are on another stack.
     pub(super) fn switched_stacks(&self, uc: u64) -> bool {
-        let on = |a: u64| {
-            self.altstack
-                .is_some_and(|(sp, size)| a.wrapping_sub(sp) < size)
-        };
+        let on = |a: u64| (self.altstack).is_some_and(|(sp, size)| a.wrapping_sub(sp) < size);
         on(uc) && !on(self.sp)
+    }
+}
+
+/// Whether `info` is the siginfo of the fault the sigcontext describes:
+/// a page fault at the same address, a general-protection fault, or an
+/// illegal or arithmetic instruction at the interrupted IP. Anything else
+/// (no SA_SIGINFO, so stale bytes; or a signal sent by a process, which
+/// nothing here can confirm) is not trusted.
+fn corroborated(info: &SigInfo, ip: u64, trap: Trap) -> bool {
+    let by_kernel = info.code > 0;
+    match info.signo {
+        SIGSEGV if info.code == SI_KERNEL => trap.trapno == TRAP_GP && info.addr == 0,
+        SIGSEGV | SIGBUS if by_kernel => trap.trapno == TRAP_PF && info.addr == trap.cr2,
+        SIGILL | SIGFPE if by_kernel => info.addr == ip,
+        _ => false,
     }
 }
 
@@ -91,7 +129,8 @@ fn word_lo(stack: &StackCopy, addr: u64) -> Option<i32> {
 }
 
 /// A synthetic frame for tests: the bytes of `pretcode` + `ucontext` +
-/// `siginfo`, laid out as the kernel writes them.
+/// `siginfo`, laid out as the kernel writes them for an SA_SIGINFO
+/// handler of a page fault (or, without `info`, for a plain handler).
 #[cfg(test)]
 pub(super) fn build(pretcode: u64, f: &SigFrame) -> Vec<u8> {
     let mut b = vec![0u8; (8 + UCONTEXT_SIZE + 128) as usize];
@@ -107,10 +146,19 @@ pub(super) fn build(pretcode: u64, f: &SigFrame) -> Vec<u8> {
     put(8 + UC_MCONTEXT + SC_RIP, f.ip);
     put(8 + UC_MCONTEXT + SC_RSP, f.sp);
     put(8 + UC_MCONTEXT + SC_RBP, f.bp);
+    put(8 + UC_MCONTEXT + SC_TRAPNO, TRAP_PF);
     let info = 8 + UCONTEXT_SIZE;
-    put(info + SI_SIGNO, f.signo as u32 as u64);
-    put(info + SI_CODE, f.code as u32 as u64);
-    put(info + SI_ADDR, f.addr);
+    // Without SA_SIGINFO the kernel leaves these bytes as they were.
+    let junk = SigInfo {
+        signo: SIGSEGV,
+        code: 1,
+        addr: 0xdead,
+    };
+    let i = f.info.unwrap_or(junk);
+    put(8 + UC_MCONTEXT + SC_CR2, f.info.map_or(0x40, |i| i.addr));
+    put(info + SI_SIGNO, i.signo as u32 as u64);
+    put(info + SI_CODE, i.code as u32 as u64);
+    put(info + SI_ADDR, i.addr);
     b
 }
 
@@ -118,48 +166,70 @@ pub(super) fn build(pretcode: u64, f: &SigFrame) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn unwind_sigframe_round_trip_and_rejects() {
-        let f = SigFrame {
+    const BASE: u64 = 0x7ffd_0000_1000;
+    const MAPERR: SigInfo = SigInfo {
+        signo: SIGSEGV,
+        code: 1,
+        addr: 0x40,
+    };
+
+    fn frame(info: Option<SigInfo>) -> SigFrame {
+        SigFrame {
             ip: 0x5555_0000_1234,
             sp: 0x7ffd_0000_2000,
             bp: 0x7ffd_0000_2040,
-            signo: 11,
-            code: 1,
-            addr: 0x40,
+            info,
             altstack: None,
-        };
+        }
+    }
+
+    fn read(bytes: &[u8]) -> Option<SigFrame> {
+        let stack = StackCopy { base: BASE, bytes };
+        SigFrame::read(&stack, BASE + 8)
+    }
+
+    #[test]
+    fn unwind_sigframe_round_trip() {
+        let f = frame(Some(MAPERR));
         let bytes = build(0x7f00_0000_0050, &f);
-        let base = 0x7ffd_0000_1000;
-        let stack = StackCopy {
-            base,
-            bytes: &bytes,
-        };
-        assert_eq!(SigFrame::read(&stack, base + 8), Some(f));
-        assert!(!f.switched_stacks(base + 8));
-        // Cut short: the siginfo is past the copy.
-        let short = StackCopy {
-            base,
-            bytes: &bytes[..300],
-        };
-        assert_eq!(SigFrame::read(&short, base + 8), None);
-        // Not a signal number: not a signal frame.
-        let bad = build(0, &SigFrame { signo: 0, ..f });
-        let stack = StackCopy { base, bytes: &bad };
-        assert_eq!(SigFrame::read(&stack, base + 8), None);
+        assert_eq!(read(&bytes), Some(f));
+        assert!(!f.switched_stacks(BASE + 8));
+        // Without SA_SIGINFO: registers yes, the stale siginfo no.
+        let plain = frame(None);
+        assert_eq!(read(&build(0x7f00_0000_0050, &plain)), Some(plain));
+        // Registers past the copy: no frame at all.
+        assert_eq!(read(&bytes[..100]), None);
+        // The siginfo past the copy: the registers alone.
+        assert_eq!(read(&bytes[..320]), Some(plain));
+    }
+
+    #[test]
+    fn unwind_siginfo_only_where_the_sigcontext_agrees() {
+        let (ip, pf, gp) = (0x1234, TRAP_PF, TRAP_GP);
+        let trap = |trapno, cr2| Trap { trapno, cr2 };
+        let info = |signo, code, addr| SigInfo { signo, code, addr };
+        assert!(corroborated(&MAPERR, ip, trap(pf, 0x40)));
+        assert!(
+            !corroborated(&MAPERR, ip, trap(pf, 0x80)),
+            "another fault's address"
+        );
+        assert!(!corroborated(&MAPERR, ip, trap(gp, 0x40)));
+        assert!(corroborated(&info(SIGBUS, 2, 0x40), ip, trap(pf, 0x40)));
+        assert!(corroborated(&info(SIGSEGV, SI_KERNEL, 0), ip, trap(gp, 0)));
+        assert!(corroborated(&info(SIGFPE, 1, ip), ip, trap(0, 0)));
+        assert!(corroborated(&info(SIGILL, 2, ip), ip, trap(6, 0)));
+        assert!(!corroborated(&info(SIGILL, 2, ip + 1), ip, trap(6, 0)));
+        // Sent by a process (SI_TKILL, SI_USER): nothing to check against.
+        assert!(!corroborated(&info(SIGSEGV, -6, 0), ip, trap(pf, 0)));
+        assert!(!corroborated(&info(10, 0, 0), ip, trap(0, 0)));
+        assert!(!corroborated(&info(0, 1, 0x40), ip, trap(pf, 0x40)));
     }
 
     #[test]
     fn unwind_sigframe_altstack_switch() {
-        let alt = (0x6000_0000, 0x4000);
         let f = SigFrame {
-            ip: 1,
-            sp: 0x7ffd_0000_2000,
-            bp: 0,
-            signo: 11,
-            code: 1,
-            addr: 0,
-            altstack: Some(alt),
+            altstack: Some((0x6000_0000, 0x4000)),
+            ..frame(None)
         };
         assert!(f.switched_stacks(0x6000_3000));
         assert!(

@@ -326,9 +326,13 @@ fn unwind_through_signal_handler_frame() {
     assert_eq!(u.frames[2], CodeAddr::exact(fault.ip), "{u:?}");
     let sig = SignalFrame {
         index: 2,
-        signo: 11,
-        code: SEGV_MAPERR,
-        addr: 0x40,
+        ip: fault.ip,
+        sp: fault.sp,
+        info: Some(SigInfo {
+            signo: 11,
+            code: SEGV_MAPERR,
+            addr: 0x40,
+        }),
     };
     assert_eq!(u.signal_frames, [sig], "{u:?}");
     assert!(u.error.is_none() && !u.truncated, "{u:?}");
@@ -354,6 +358,8 @@ fn unwind_null_call_from_fault_registers_and_through_handler() {
     assert_eq!(names[3..5], ["call_null", "main"], "{u:?}");
     assert_eq!(u.signal_frames.len(), 1, "{u:?}");
     assert_eq!(u.signal_frames[0].index, 2, "{u:?}");
+    // A jump to 0 faults fetching the instruction: si_addr 0.
+    assert_eq!(u.signal_frames[0].info.map(|i| i.addr), Some(0), "{u:?}");
 
     // As the kernel captures an unhandled fault: the interrupted registers
     // and the stack from their sp, IP 0 and its caller's return address
@@ -381,7 +387,10 @@ fn unwind_stops_where_sigaltstack_left_the_stack() {
     assert_eq!(c.names(&u), ["in_handler", "on_segv", "faulty"], "{u:?}");
     assert_eq!(u.frames[2], CodeAddr::exact(c.interrupted.unwrap().ip));
     assert_eq!(u.error, Some(UnwindError::OtherStack), "{u:?}");
-    assert_eq!(u.signal_frames[0].addr, 0x40, "{u:?}");
+    let info = u.signal_frames[0]
+        .info
+        .expect("an SA_SIGINFO handler's siginfo");
+    assert_eq!(info.addr, 0x40, "{u:?}");
 }
 
 #[test]

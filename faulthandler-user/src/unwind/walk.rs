@@ -149,14 +149,16 @@ fn signal_frame(
 ) -> Option<u64> {
     let uc = fregs.sp();
     let Some(sf) = SigFrame::read(stack, uc) else {
+        // The trampoline is code, so the frame exists: past the copy.
+        out.truncated = true;
         out.error = Some(UnwindError::BadSignalFrame);
         return None;
     };
     out.signal_frames.push(SignalFrame {
         index: out.frames.len(),
-        signo: sf.signo,
-        code: sf.code,
-        addr: sf.addr,
+        ip: sf.ip,
+        sp: sf.sp,
+        info: sf.info,
     });
     if out.frames.len() >= max_frames {
         out.truncated = true;
@@ -195,7 +197,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::unwind::sigframe;
+    use crate::unwind::{SigInfo, sigframe};
 
     const CODE: u64 = 0x1000_0000;
     const HANDLER: u64 = CODE + 0x100;
@@ -265,14 +267,18 @@ mod tests {
         }
     }
 
+    const MAPERR: SigInfo = SigInfo {
+        signo: 11,
+        code: 1,
+        addr: 0x40,
+    };
+
     fn fault() -> sigframe::SigFrame {
         sigframe::SigFrame {
             ip: FAULT,
             sp: BASE + 0x400,
             bp: BASE + 0x400,
-            signo: 11,
-            code: 1,
-            addr: 0x40,
+            info: Some(MAPERR),
             altstack: None,
         }
     }
@@ -288,12 +294,22 @@ mod tests {
         assert_eq!(u.frames, want, "{u:?}");
         let sig = SignalFrame {
             index: 1,
-            signo: 11,
-            code: 1,
-            addr: 0x40,
+            ip: FAULT,
+            sp: BASE + 0x400,
+            info: Some(MAPERR),
         };
         assert_eq!(u.signal_frames, [sig]);
         assert_eq!(u.error, None, "{u:?}");
+        // A plain handler's frame: same walk, no siginfo to trust.
+        let u = walk_on(
+            &handler_stack(sigframe::SigFrame {
+                info: None,
+                ..fault()
+            }),
+            in_handler(),
+        );
+        assert_eq!(u.frames, want, "{u:?}");
+        assert_eq!(u.signal_frames, [SignalFrame { info: None, ..sig }]);
 
         // A NULL call interrupted: its caller's return address is at [sp].
         let null = sigframe::SigFrame { ip: 0, ..fault() };
