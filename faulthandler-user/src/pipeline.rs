@@ -11,6 +11,9 @@ use crate::{
     unwind::{CodeAddr, Regs, StackCopy, Unwinder},
 };
 
+/// A thread's code addresses and the modules they are in.
+type Unwound = (Vec<CodeAddr>, Vec<Module>);
+
 /// Long-lived, so parsed unwind tables and DWARF are reused across reports.
 pub struct Pipeline {
     unwinder: Unwinder,
@@ -96,7 +99,7 @@ impl Pipeline {
         tracker: &Tracker,
         s: &SignalCapture,
         current: bool,
-    ) -> (Thread, Option<(Vec<CodeAddr>, Vec<Module>)>) {
+    ) -> (Thread, Option<Unwound>) {
         let ev = &s.event;
         let mut t = Thread {
             tid: ev.tid,

@@ -13,7 +13,9 @@ use crate::procs::{FileStamp, file_stamp};
 pub struct SymbolizerLimits {
     pub files: usize,
     /// Sum of the sizes of those files (and of their separate debug files).
-    /// Mapped, not read: what stays resident is what was touched.
+    /// They are mapped, not read, but the DWARF parsed from them stays on
+    /// the heap: symbolizing 2000 addresses across libc (1.9 MB, 4.2 MB of
+    /// debug info) grew RSS by 29 MiB, all released again on eviction.
     pub bytes: u64,
 }
 
@@ -21,7 +23,7 @@ impl Default for SymbolizerLimits {
     fn default() -> Self {
         Self {
             files: 256,
-            bytes: 1 << 30,
+            bytes: 128 << 20,
         }
     }
 }
