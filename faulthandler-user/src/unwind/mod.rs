@@ -104,6 +104,33 @@ pub struct SignalFrame {
     /// handler of a fault: see `sigframe`). `None` otherwise: the bytes
     /// are then whatever the stack held.
     pub info: Option<SigInfo>,
+    /// The thread's last hardware exception, as the kernel saved it.
+    pub trap: Trap,
+}
+
+impl SignalFrame {
+    /// The fault a handler of `signo` was most likely called for, e.g. for
+    /// a handler that re-raised `signo`: the confirmed siginfo when there
+    /// is one (`None` if it names another signal), else what the saved
+    /// exception implies (see `sigframe::from_trap`). The exception is the
+    /// thread's last one: a `signo` sent by another process to a thread
+    /// that once faulted would be taken for that fault.
+    pub fn fault_for(&self, signo: i32) -> Option<SigInfo> {
+        match self.info {
+            Some(info) => (info.signo == signo).then_some(info),
+            None => sigframe::from_trap(signo, self.ip, self.trap),
+        }
+    }
+}
+
+/// `trapno`, `err` and `cr2` of the saved sigcontext: the vector of the
+/// thread's last exception, its error code and, for a page fault, the
+/// address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trap {
+    pub trapno: u64,
+    pub error_code: u64,
+    pub cr2: u64,
 }
 
 /// The part of a siginfo a report names.

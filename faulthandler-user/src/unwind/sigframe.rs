@@ -10,7 +10,7 @@
 //! that part of the frame is whatever the stack held before. It is trusted
 //! only where the sigcontext, always written, says the same.
 
-use super::{SigInfo, StackCopy};
+use super::{SigInfo, StackCopy, Trap};
 
 /// `struct ucontext`: uc_flags, uc_link, then `stack_t uc_stack`
 /// (ss_sp, ss_flags + padding, ss_size), then `uc_mcontext`.
@@ -24,6 +24,7 @@ const UCONTEXT_SIZE: u64 = UC_MCONTEXT + 256 + 8;
 const SC_RBP: u64 = 80;
 const SC_RSP: u64 = 120;
 const SC_RIP: u64 = 128;
+const SC_ERR: u64 = 152;
 const SC_TRAPNO: u64 = 160;
 const SC_CR2: u64 = 176;
 /// Offsets in `siginfo_t`: si_signo, si_errno, si_code, then the union
@@ -34,8 +35,18 @@ const SI_ADDR: u64 = 16;
 /// `ss_flags` value of an altstack that is not set up.
 const SS_DISABLE: u32 = 2;
 /// x86 exception vectors (`trapno`).
+const TRAP_UD: u64 = 6;
 const TRAP_GP: u64 = 13;
 const TRAP_PF: u64 = 14;
+/// Page-fault error code bits: the page was present (a protection
+/// fault), and a protection-key fault.
+const PF_PROT: u64 = 1 << 0;
+const PF_PK: u64 = 1 << 5;
+const SEGV_MAPERR: i32 = 1;
+const SEGV_ACCERR: i32 = 2;
+const SEGV_PKUERR: i32 = 4;
+const BUS_ADRERR: i32 = 2;
+const ILL_ILLOPN: i32 = 2;
 const SIGILL: i32 = 4;
 const SIGBUS: i32 = 7;
 const SIGFPE: i32 = 8;
@@ -52,17 +63,9 @@ pub(super) struct SigFrame {
     pub(super) bp: u64,
     /// The siginfo, when the sigcontext corroborates it.
     pub(super) info: Option<SigInfo>,
+    pub(super) trap: Trap,
     /// The sigaltstack in force at delivery, if one was set up.
     pub(super) altstack: Option<(u64, u64)>,
-}
-
-/// The part of the sigcontext a fault fills in: the exception vector and,
-/// for a page fault, the address (of the thread's last trap, which may be
-/// older than this signal).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Trap {
-    trapno: u64,
-    cr2: u64,
 }
 
 impl SigFrame {
@@ -78,6 +81,7 @@ impl SigFrame {
         let ip = sc(SC_RIP)?;
         let trap = Trap {
             trapno: sc(SC_TRAPNO)?,
+            error_code: sc(SC_ERR)?,
             cr2: sc(SC_CR2)?,
         };
         let info = uc.checked_add(UCONTEXT_SIZE).and_then(|info| {
@@ -94,6 +98,7 @@ impl SigFrame {
             sp: sc(SC_RSP)?,
             bp: sc(SC_RBP)?,
             info,
+            trap,
             altstack,
         })
     }
@@ -121,6 +126,24 @@ fn corroborated(info: &SigInfo, ip: u64, trap: Trap) -> bool {
     }
 }
 
+/// The siginfo the kernel raises `signo` with for the exception `trap`
+/// records, at `ip`: page faults, general-protection faults and invalid
+/// opcodes, whose vectors are never the zero a thread starts with. A page
+/// fault on an absent page is taken as SEGV_MAPERR, though the kernel says
+/// SEGV_ACCERR when a mapping exists but forbids the access.
+pub(super) fn from_trap(signo: i32, ip: u64, trap: Trap) -> Option<SigInfo> {
+    let info = |code, addr| Some(SigInfo { signo, code, addr });
+    match (signo, trap.trapno) {
+        (SIGSEGV, TRAP_PF) if trap.error_code & PF_PK != 0 => info(SEGV_PKUERR, trap.cr2),
+        (SIGSEGV, TRAP_PF) if trap.error_code & PF_PROT != 0 => info(SEGV_ACCERR, trap.cr2),
+        (SIGSEGV, TRAP_PF) => info(SEGV_MAPERR, trap.cr2),
+        (SIGBUS, TRAP_PF) => info(BUS_ADRERR, trap.cr2),
+        (SIGSEGV, TRAP_GP) => info(SI_KERNEL, 0),
+        (SIGILL, TRAP_UD) => info(ILL_ILLOPN, ip),
+        _ => None,
+    }
+}
+
 /// The low 32 bits of the word at `addr`, as C's `int`.
 fn word_lo(stack: &StackCopy, addr: u64) -> Option<i32> {
     let off = usize::try_from(addr.checked_sub(stack.base)?).ok()?;
@@ -130,7 +153,7 @@ fn word_lo(stack: &StackCopy, addr: u64) -> Option<i32> {
 
 /// A synthetic frame for tests: the bytes of `pretcode` + `ucontext` +
 /// `siginfo`, laid out as the kernel writes them for an SA_SIGINFO
-/// handler of a page fault (or, without `info`, for a plain handler).
+/// handler (or, without `info`, for a plain handler: stale bytes).
 #[cfg(test)]
 pub(super) fn build(pretcode: u64, f: &SigFrame) -> Vec<u8> {
     let mut b = vec![0u8; (8 + UCONTEXT_SIZE + 128) as usize];
@@ -146,7 +169,8 @@ pub(super) fn build(pretcode: u64, f: &SigFrame) -> Vec<u8> {
     put(8 + UC_MCONTEXT + SC_RIP, f.ip);
     put(8 + UC_MCONTEXT + SC_RSP, f.sp);
     put(8 + UC_MCONTEXT + SC_RBP, f.bp);
-    put(8 + UC_MCONTEXT + SC_TRAPNO, TRAP_PF);
+    put(8 + UC_MCONTEXT + SC_TRAPNO, f.trap.trapno);
+    put(8 + UC_MCONTEXT + SC_ERR, f.trap.error_code);
     let info = 8 + UCONTEXT_SIZE;
     // Without SA_SIGINFO the kernel leaves these bytes as they were.
     let junk = SigInfo {
@@ -155,7 +179,7 @@ pub(super) fn build(pretcode: u64, f: &SigFrame) -> Vec<u8> {
         addr: 0xdead,
     };
     let i = f.info.unwrap_or(junk);
-    put(8 + UC_MCONTEXT + SC_CR2, f.info.map_or(0x40, |i| i.addr));
+    put(8 + UC_MCONTEXT + SC_CR2, f.trap.cr2);
     put(info + SI_SIGNO, i.signo as u32 as u64);
     put(info + SI_CODE, i.code as u32 as u64);
     put(info + SI_ADDR, i.addr);
@@ -163,14 +187,22 @@ pub(super) fn build(pretcode: u64, f: &SigFrame) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     const BASE: u64 = 0x7ffd_0000_1000;
+    const SIGABRT: i32 = 6;
     const MAPERR: SigInfo = SigInfo {
         signo: SIGSEGV,
         code: 1,
         addr: 0x40,
+    };
+
+    /// A page fault at 0x40 on an absent page, by a user-mode write.
+    pub(in crate::unwind) const PAGE_FAULT: Trap = Trap {
+        trapno: TRAP_PF,
+        error_code: 6,
+        cr2: 0x40,
     };
 
     fn frame(info: Option<SigInfo>) -> SigFrame {
@@ -179,6 +211,7 @@ mod tests {
             sp: 0x7ffd_0000_2000,
             bp: 0x7ffd_0000_2040,
             info,
+            trap: PAGE_FAULT,
             altstack: None,
         }
     }
@@ -206,7 +239,11 @@ mod tests {
     #[test]
     fn unwind_siginfo_only_where_the_sigcontext_agrees() {
         let (ip, pf, gp) = (0x1234, TRAP_PF, TRAP_GP);
-        let trap = |trapno, cr2| Trap { trapno, cr2 };
+        let trap = |trapno, cr2| Trap {
+            trapno,
+            error_code: 0,
+            cr2,
+        };
         let info = |signo, code, addr| SigInfo { signo, code, addr };
         assert!(corroborated(&MAPERR, ip, trap(pf, 0x40)));
         assert!(
@@ -223,6 +260,39 @@ mod tests {
         assert!(!corroborated(&info(SIGSEGV, -6, 0), ip, trap(pf, 0)));
         assert!(!corroborated(&info(10, 0, 0), ip, trap(0, 0)));
         assert!(!corroborated(&info(0, 1, 0x40), ip, trap(pf, 0x40)));
+    }
+
+    #[test]
+    fn unwind_fault_from_the_trap_alone() {
+        let ip = 0x1234;
+        let pf = |error_code| Trap {
+            error_code,
+            ..PAGE_FAULT
+        };
+        let code = |signo, trap| from_trap(signo, ip, trap).map(|i| (i.code, i.addr));
+        assert_eq!(code(SIGSEGV, pf(6)), Some((SEGV_MAPERR, 0x40)));
+        assert_eq!(code(SIGSEGV, pf(7)), Some((SEGV_ACCERR, 0x40)));
+        assert_eq!(code(SIGSEGV, pf(0x27)), Some((SEGV_PKUERR, 0x40)));
+        assert_eq!(code(SIGBUS, pf(4)), Some((BUS_ADRERR, 0x40)));
+        let gp = Trap {
+            trapno: TRAP_GP,
+            ..PAGE_FAULT
+        };
+        assert_eq!(code(SIGSEGV, gp), Some((SI_KERNEL, 0)));
+        let ud = Trap {
+            trapno: TRAP_UD,
+            ..PAGE_FAULT
+        };
+        assert_eq!(code(SIGILL, ud), Some((ILL_ILLOPN, ip)));
+        // A signal no exception explains, or a thread that never trapped.
+        assert_eq!(code(SIGSEGV, ud), None);
+        assert_eq!(code(SIGABRT, pf(6)), None);
+        let never = Trap {
+            trapno: 0,
+            error_code: 0,
+            cr2: 0,
+        };
+        assert_eq!(code(SIGFPE, never), None);
     }
 
     #[test]

@@ -72,12 +72,17 @@ int main(int argc, char **argv) {
 
 /// A SIGSEGV handler captures: after a store to 0x40 ("fault"), a call
 /// through a NULL function pointer ("null"), or the store with the
-/// handler on a sigaltstack ("altstack").
+/// handler on a sigaltstack ("altstack") or without SA_SIGINFO ("plain",
+/// as reraise.c).
 const HANDLER: &str = r#"
 NOINLINE int in_handler(int sig) { volatile int x = sig; capture(); return x; }
 static void on_segv(int sig, siginfo_t *si, void *uc) {
     (void)si;
     interrupted = uc;
+    in_handler(sig);
+    interrupted = NULL;
+}
+static void plain_segv(int sig) {
     in_handler(sig);
     interrupted = NULL;
 }
@@ -99,6 +104,10 @@ int main(int argc, char **argv) {
         stack_t ss = { .ss_sp = malloc(1 << 16), .ss_size = 1 << 16 };
         sigaltstack(&ss, NULL);
         sa.sa_flags |= SA_ONSTACK;
+    }
+    if (!strcmp(argv[2], "plain")) {
+        sa.sa_handler = plain_segv;
+        sa.sa_flags = 0;
     }
     sigaction(SIGSEGV, &sa, NULL);
     if (!strcmp(argv[2], "null"))
@@ -289,10 +298,8 @@ fn unwind_qsort_callback_through_libc() {
 
 fn handler_capture(mode: &str) -> Capture {
     let c = capture_of(HANDLER, OMIT_FP, mode);
-    assert!(
-        c.interrupted.is_some(),
-        "the handler saw no interrupted registers"
-    );
+    let siginfo = mode != "plain";
+    assert_eq!(c.interrupted.is_some(), siginfo, "interrupted registers");
     c
 }
 
@@ -333,7 +340,9 @@ fn unwind_through_signal_handler_frame() {
             code: SEGV_MAPERR,
             addr: 0x40,
         }),
+        trap: u.signal_frames[0].trap,
     };
+    assert_eq!(sig.trap.cr2, 0x40, "the kernel's record of the page fault");
     assert_eq!(u.signal_frames, [sig], "{u:?}");
     assert!(u.error.is_none() && !u.truncated, "{u:?}");
     // The interrupted instruction is looked up where it is, not a byte
@@ -419,4 +428,26 @@ fn unwind_cache_is_bounded_and_forgets_files() {
         assert_eq!(unwind(&mut small), full, "limits never change the result");
         assert_eq!(small.cache.len().0, want, "{limits:?}");
     }
+}
+
+/// A handler without SA_SIGINFO, as reraise.c installs: the kernel leaves
+/// the frame's siginfo unwritten, but its saved exception still names the
+/// fault.
+#[test]
+fn unwind_plain_handler_frame() {
+    let c = handler_capture("plain");
+    let u = c.unwind(&c.modules, 64, c.stack.len());
+    let names = c.names(&u);
+    assert_eq!(names[..2], ["in_handler", "plain_segv"], "{u:?}");
+    assert_eq!(names[2..4], ["faulty", "main"], "{u:?}");
+    let sig = &u.signal_frames[0];
+    assert_eq!((sig.index, sig.info), (2, None), "{u:?}");
+    let fault = SigInfo {
+        signo: 11,
+        code: SEGV_MAPERR,
+        addr: 0x40,
+    };
+    assert_eq!(sig.fault_for(11), Some(fault), "{u:?}");
+    let f = &symbolized(&c, &u)[2];
+    assert_eq!(f.line, line_of(&c, "MARK_FAULT"), "{f:?}");
 }

@@ -159,6 +159,7 @@ fn signal_frame(
         ip: sf.ip,
         sp: sf.sp,
         info: sf.info,
+        trap: sf.trap,
     });
     if out.frames.len() >= max_frames {
         out.truncated = true;
@@ -279,6 +280,7 @@ mod tests {
             sp: BASE + 0x400,
             bp: BASE + 0x400,
             info: Some(MAPERR),
+            trap: sigframe::tests::PAGE_FAULT,
             altstack: None,
         }
     }
@@ -297,6 +299,7 @@ mod tests {
             ip: FAULT,
             sp: BASE + 0x400,
             info: Some(MAPERR),
+            trap: sigframe::tests::PAGE_FAULT,
         };
         assert_eq!(u.signal_frames, [sig]);
         assert_eq!(u.error, None, "{u:?}");
@@ -310,6 +313,9 @@ mod tests {
         );
         assert_eq!(u.frames, want, "{u:?}");
         assert_eq!(u.signal_frames, [SignalFrame { info: None, ..sig }]);
+        // The fault a handler that re-raised SIGSEGV was called for.
+        assert_eq!(u.signal_frames[0].fault_for(11), Some(MAPERR));
+        assert_eq!(u.signal_frames[0].fault_for(6), None);
 
         // A NULL call interrupted: its caller's return address is at [sp].
         let null = sigframe::SigFrame { ip: 0, ..fault() };
