@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// A thread's code addresses and the modules they are in.
-type Unwound = (Vec<CodeAddr>, Vec<Module>);
+type ThreadAddrs = (Vec<CodeAddr>, Vec<Module>);
 
 /// Long-lived, so parsed unwind tables and DWARF are reused across reports.
 pub struct Pipeline {
@@ -99,7 +99,7 @@ impl Pipeline {
         tracker: &Tracker,
         s: &SignalCapture,
         current: bool,
-    ) -> (Thread, Option<Unwound>) {
+    ) -> (Thread, Option<ThreadAddrs>) {
         let ev = &s.event;
         let mut t = Thread {
             tid: ev.tid,
