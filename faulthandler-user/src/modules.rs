@@ -18,6 +18,10 @@ impl PartialEq for FileHold {
 
 impl Eq for FileHold {}
 
+use object::elf::{self, FileHeader64, ProgramHeader64};
+use object::read::elf::{FileHeader as _, ProgramHeader as _};
+use object::{Endianness, ReadRef};
+
 /// One executable, file-backed mapping of a process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Module {
@@ -52,4 +56,31 @@ impl Module {
 /// Finds the module holding `addr` in a list sorted or unsorted.
 pub fn find(modules: &[Module], addr: u64) -> Option<&Module> {
     modules.iter().find(|m| m.contains(addr))
+}
+
+/// A note segment larger than this holds no build-id worth reading: the
+/// bound keeps a crafted file from making us read gigabytes.
+const MAX_NOTES: u64 = 64 * 1024;
+
+/// The GNU build-id in the PT_NOTE segments of a parsed ELF header; shared
+/// by `procs::build_id` and the unwinder's check that a file is still the
+/// one that was mapped.
+pub(crate) fn elf_build_id<'d, R: ReadRef<'d>>(
+    header: &FileHeader64<Endianness>,
+    endian: Endianness,
+    data: R,
+) -> Option<Vec<u8>> {
+    let phdrs = header.program_headers(endian, data).ok()?;
+    let small = |ph: &&ProgramHeader64<Endianness>| ph.p_filesz(endian) <= MAX_NOTES;
+    for ph in phdrs.iter().filter(small) {
+        let Ok(Some(mut notes)) = ph.notes(endian, data) else {
+            continue;
+        };
+        while let Ok(Some(note)) = notes.next() {
+            if note.name() == elf::ELF_NOTE_GNU && note.n_type(endian) == elf::NT_GNU_BUILD_ID {
+                return Some(note.desc().to_vec());
+            }
+        }
+    }
+    None
 }

@@ -5,10 +5,10 @@ use faulthandler_common::{REG_BP, REG_IP, REG_SP, SIG_F_HAS_REGS};
 use crate::{
     assemble::SigFrameInfo,
     decode::{SignalCapture, c_str},
-    modules::{self, Module},
-    report::{Frame, Thread},
+    modules::Module,
+    report::{Frame, NativeFrame, Thread},
     symbolize::Symbolizer,
-    unwind::{Method, Regs, StackCopy, Unwinder},
+    unwind::{CodeAddr, Regs, SignalFrame, StackCopy, Unwinder},
 };
 
 /// One thread to unwind, with the modules of its process at the time.
@@ -32,6 +32,14 @@ pub struct Unwound {
     pub sigframe: Option<SigFrameInfo>,
 }
 
+/// A thread's code addresses and where its signal frames sit among them.
+struct Addrs<'a> {
+    thread: usize,
+    frames: Vec<CodeAddr>,
+    signal_frames: Vec<SignalFrame>,
+    modules: &'a [Module],
+}
+
 impl Pipeline {
     pub fn new(max_frames: usize) -> Self {
         Self {
@@ -41,11 +49,17 @@ impl Pipeline {
         }
     }
 
+    /// Drops what is cached for a file (a deleted binary no process maps).
+    pub fn forget_file(&mut self, open_path: &std::path::Path) {
+        self.unwinder.forget_file(open_path);
+        self.symbolizer.forget_file(open_path);
+    }
+
     /// Reads the unwind tables and debug info of `modules` ahead of the
     /// first report that needs them.
     pub fn warm(&mut self, modules: &[Module]) {
         let Some(first) = modules.first() else { return };
-        let starts: Vec<u64> = modules.iter().map(|m| m.start).collect();
+        let starts: Vec<CodeAddr> = modules.iter().map(|m| CodeAddr::exact(m.start)).collect();
         let _ = self.symbolizer.symbolize_stacks(&[&starts], modules);
         let regs = Regs {
             ip: first.start,
@@ -63,32 +77,41 @@ impl Pipeline {
     /// addresses of all that share the same modules symbolized in one batch.
     pub fn threads(&mut self, inputs: &[ThreadInput<'_>]) -> Unwound {
         let mut threads = Vec::with_capacity(inputs.len());
-        let mut pending: Vec<(usize, Vec<u64>, &[Module])> = Vec::new();
+        let mut pending: Vec<Addrs<'_>> = Vec::new();
+        let mut sigframe = None;
         for (i, input) in inputs.iter().enumerate() {
             let (thread, addrs) = self.unwind(input);
             threads.push(thread);
             if let Some(addrs) = addrs {
-                pending.push((i, addrs, input.modules));
+                if input.current {
+                    sigframe = addrs.signal_frames.first().and_then(|sf| {
+                        let sig = input.cap.event.sig;
+                        sf.fault_for(sig).map(|f| SigFrameInfo {
+                            sig: f.signo,
+                            code: f.code,
+                            addr: f.addr,
+                        })
+                    });
+                }
+                pending.push(Addrs { thread: i, ..addrs });
             }
         }
         while !pending.is_empty() {
-            let modules = pending[0].2;
-            let (same, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|p| p.2 == modules);
+            let modules = pending[0].modules;
+            let (same, rest): (Vec<_>, Vec<_>) =
+                pending.into_iter().partition(|p| p.modules == modules);
             pending = rest;
-            let stacks: Vec<&[u64]> = same.iter().map(|p| p.1.as_slice()).collect();
+            let stacks: Vec<&[CodeAddr]> = same.iter().map(|p| p.frames.as_slice()).collect();
             let symbolized = self.symbolizer.symbolize_stacks(&stacks, modules);
-            for ((i, _, _), frames) in same.iter().zip(symbolized) {
-                threads[*i].frames = frames.into_iter().map(Frame::Native).collect();
+            for (p, per_addr) in same.iter().zip(symbolized) {
+                threads[p.thread].frames = with_signal_frames(per_addr, &p.signal_frames);
             }
         }
-        Unwound {
-            threads,
-            sigframe: None,
-        }
+        Unwound { threads, sigframe }
     }
 
     /// The thread without its frames yet, and the addresses to symbolize.
-    fn unwind(&mut self, input: &ThreadInput<'_>) -> (Thread, Option<Vec<u64>>) {
+    fn unwind<'a>(&mut self, input: &ThreadInput<'a>) -> (Thread, Option<Addrs<'a>>) {
         let (s, modules) = (input.cap, input.modules);
         let ev = &s.event;
         let mut t = Thread {
@@ -115,30 +138,51 @@ impl Pipeline {
             .unwinder
             .unwind(&regs, &stack, modules, self.max_frames);
         // No stack bytes at all (the copy faulted): the kernel's
-        // frame-pointer walk is all there is. Its words were read from
-        // memory the process controls, so only those inside its code are
-        // frames: a planted frame chain must not print memory contents.
+        // frame-pointer walk is all there is, filtered like any other
+        // stack (a planted chain must not print memory contents).
         let fp_len = (ev.fp_len as usize).min(ev.fp.len());
-        if unwound.addrs.len() <= 1 && fp_len > 1 {
-            let chain = &ev.fp[..fp_len];
-            let in_code = chain[1..]
-                .iter()
-                .take_while(|&&a| modules::find(modules, a).is_some())
-                .count();
-            if in_code > 0 {
-                unwound.addrs = chain[..=in_code].to_vec();
-                unwound.method = Method::FramePointer;
-            }
+        if unwound.frames.len() <= 1 && fp_len > 1 {
+            unwound = Unwinder::unwind_fp_chain(&ev.fp[..fp_len], modules, self.max_frames);
         }
         t.truncated = unwound.truncated;
         t.unwind = Some(unwound.method.as_str());
-        t.error = unwound.error;
+        t.error = unwound.error.map(|e| e.to_string());
         if s.stack.is_empty() {
             t.error = Some(format!(
                 "could not copy the user stack (error {})",
                 ev.stack_err
             ));
         }
-        (t, Some(unwound.addrs))
+        let addrs = Addrs {
+            thread: 0,
+            frames: unwound.frames,
+            signal_frames: unwound.signal_frames,
+            modules,
+        };
+        (t, Some(addrs))
     }
+}
+
+/// The frames of each address in order, with gdb's `<signal handler
+/// called>` before the interrupted code of each signal frame.
+fn with_signal_frames(
+    per_addr: Vec<Vec<NativeFrame>>,
+    signal_frames: &[SignalFrame],
+) -> Vec<Frame> {
+    let mut out = Vec::new();
+    let marker = |sf: &SignalFrame| {
+        Frame::Native(NativeFrame {
+            address: sf.ip,
+            signal_frame: true,
+            ..NativeFrame::default()
+        })
+    };
+    let n = per_addr.len();
+    for (i, frames) in per_addr.into_iter().enumerate() {
+        out.extend(signal_frames.iter().filter(|sf| sf.index == i).map(marker));
+        out.extend(frames.into_iter().map(Frame::Native));
+    }
+    // A signal frame the unwind stopped at (its interrupted code unshown).
+    out.extend(signal_frames.iter().filter(|sf| sf.index >= n).map(marker));
+    out
 }

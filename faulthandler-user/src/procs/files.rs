@@ -5,11 +5,15 @@
 use std::{
     collections::{HashSet, hash_map::Entry},
     fs::{self, File},
-    io::{Read, Seek, SeekFrom},
+    io::{Read, Seek},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
     sync::Arc,
 };
+
+use object::elf::FileHeader64;
+use object::read::elf::FileHeader as _;
+use object::{Endianness, ReadCache};
 
 use super::Tracker;
 use crate::modules::{FileHold, Module};
@@ -154,10 +158,10 @@ pub(crate) fn parse_maps_line(line: &str) -> Option<MapsLine<'_>> {
 fn open_mapped(proc_dir: &Path, m: &MapsLine) -> Option<OpenFile> {
     let by_range = proc_dir.join(format!("map_files/{:x}-{:x}", m.start, m.end));
     let name = strip_deleted(m.path);
-    let mut file = File::open(&by_range)
+    let file = File::open(&by_range)
         .or_else(|_| File::open(proc_dir.join("root").join(name.trim_start_matches('/'))))
         .ok()?;
-    let build_id = build_id(&mut file);
+    let build_id = build_id(&file);
     Some(OpenFile {
         file: Arc::new(file),
         name: name.to_string(),
@@ -195,57 +199,13 @@ pub(super) fn find_by_identity<'a>(
     })
 }
 
-/// GNU build-id from the ELF's PT_NOTE segments, without reading the
-/// whole file.
-pub fn build_id(file: &mut File) -> Option<Vec<u8>> {
-    const PT_NOTE: u32 = 4;
-    const NT_GNU_BUILD_ID: u32 = 3;
-    let mut ehdr = [0u8; 64];
-    file.seek(SeekFrom::Start(0)).ok()?;
-    file.read_exact(&mut ehdr).ok()?;
-    if &ehdr[..4] != b"\x7fELF" || ehdr[4] != 2 || ehdr[5] != 1 {
-        return None;
-    }
-    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
-    let u32_at =
-        |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
-    let u64_at =
-        |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
-    let phoff = u64_at(&ehdr, 32);
-    let (phentsize, phnum) = (u16_at(&ehdr, 54), u16_at(&ehdr, 56));
-    if phentsize < 56 || phnum > 256 {
-        return None;
-    }
-    let mut phdrs = vec![0u8; phentsize * phnum];
-    file.seek(SeekFrom::Start(phoff)).ok()?;
-    file.read_exact(&mut phdrs).ok()?;
-    for ph in phdrs.chunks_exact(phentsize) {
-        if u32_at(ph, 0) != PT_NOTE {
-            continue;
-        }
-        let (off, size) = (u64_at(ph, 8), u64_at(ph, 32).min(64 * 1024) as usize);
-        let mut notes = vec![0u8; size];
-        file.seek(SeekFrom::Start(off)).ok()?;
-        file.read_exact(&mut notes).ok()?;
-        let mut p = 0;
-        while p + 12 <= notes.len() {
-            let (namesz, descsz, ty) = (
-                u32_at(&notes, p) as usize,
-                u32_at(&notes, p + 4) as usize,
-                u32_at(&notes, p + 8),
-            );
-            let name_end = p + 12 + namesz.next_multiple_of(4);
-            let desc_end = name_end + descsz.next_multiple_of(4);
-            if desc_end > notes.len() {
-                break;
-            }
-            if ty == NT_GNU_BUILD_ID && notes[p + 12..p + 12 + namesz].starts_with(b"GNU") {
-                return Some(notes[name_end..name_end + descsz].to_vec());
-            }
-            p = desc_end;
-        }
-    }
-    None
+/// GNU build-id from the ELF's PT_NOTE segments, reading only the header,
+/// the program headers and the notes, never the whole file. Takes `&File`
+/// or `&mut File` alike.
+pub fn build_id(file: impl Read + Seek) -> Option<Vec<u8>> {
+    let data = ReadCache::new(file);
+    let header = FileHeader64::<Endianness>::parse(&data).ok()?;
+    crate::modules::elf_build_id(header, header.endian().ok()?, &data)
 }
 
 #[cfg(test)]
@@ -270,8 +230,8 @@ mod tests {
 
     #[test]
     fn own_build_id_matches_notes() {
-        let mut f = File::open("/proc/self/exe").unwrap();
-        let id = build_id(&mut f);
+        let f = File::open("/proc/self/exe").unwrap();
+        let id = build_id(&f);
         // Rust test binaries are linked with a build-id by default on Linux.
         assert!(id.as_ref().is_some_and(|i| i.len() >= 16), "{id:?}");
     }

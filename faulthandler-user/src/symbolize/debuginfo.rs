@@ -30,6 +30,14 @@ pub(super) struct FileInfo {
     own_debug: bool,
 }
 
+impl FileInfo {
+    /// The separate debug file found by build-id, which blazesym is
+    /// handed besides the file itself.
+    pub(super) fn debug_file(&self) -> Option<&Path> {
+        self.build_id_debug.as_ref().map(|(p, _)| p.as_path())
+    }
+}
+
 /// (p_offset, p_filesz, p_vaddr) of each PT_LOAD.
 type Loads = Vec<(u64, u64, u64)>;
 

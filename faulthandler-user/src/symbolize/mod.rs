@@ -5,21 +5,27 @@
 //! what blazesym cannot place; `demangle` turns symbol names into the
 //! names reports print.
 
+mod budget;
 mod debuginfo;
 mod demangle;
 #[cfg(test)]
 mod testutil;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use blazesym::symbolize::evict::{self, Evict};
 use blazesym::symbolize::{self as bz, CodeInfo, Sym, Symbolized};
+
+use self::budget::Opened;
+pub use self::budget::SymbolizerLimits;
 
 use self::debuginfo::{FileInfo, elf_symbols, file_info, lookup_batch, offset_known};
 use self::demangle::function_name;
 use crate::modules::Module;
 use crate::procs::FileStamp;
 use crate::report::NativeFrame as Frame;
+use crate::unwind::CodeAddr;
 
 const DEFAULT_DEBUG_DIRS: &[&str] = &["/usr/lib/debug", "/lib/debug"];
 
@@ -32,6 +38,8 @@ pub struct Symbolizer {
     /// per-process alias (`/proc/PID/root/...`, `/proc/self/fd/N`), and a
     /// path can be replaced by a package upgrade between reports.
     files: HashMap<FileStamp, FileInfo>,
+    /// The files `inner` holds open, within their limits.
+    opened: Opened,
 }
 
 impl Default for Symbolizer {
@@ -48,21 +56,30 @@ impl Symbolizer {
     /// Like `new`, searching `debug_dirs` (and their `.build-id/`) for
     /// separate debug files instead of /usr/lib/debug and /lib/debug.
     pub fn with_debug_dirs(debug_dirs: Vec<PathBuf>) -> Self {
-        let inner = bz::Symbolizer::builder()
-            .set_debug_dirs(Some(&debug_dirs))
-            // On by default; spelled out because the frames depend on them.
-            .enable_code_info(true)
-            .enable_inlined_fns(true)
-            // blazesym would run the C++ demangler on every name, mangled
-            // or not, turning a C function `t` into `unsigned short`; we
-            // demangle only mangled names ourselves (see `demangle`).
-            .enable_demangling(false)
-            .build();
         Self {
-            inner,
+            inner: new_inner(&debug_dirs),
             debug_dirs,
             files: HashMap::new(),
+            opened: Opened::new(SymbolizerLimits::default()),
         }
+    }
+
+    pub fn with_limits(mut self, limits: SymbolizerLimits) -> Self {
+        self.opened = Opened::new(limits);
+        self
+    }
+
+    /// Drops what is cached for the file at `open_path`: descriptor,
+    /// mapping and parsed debug info (e.g. a deleted binary that no
+    /// tracked process maps any more).
+    pub fn forget_file(&mut self, open_path: &Path) {
+        let Some(forgotten) = self.opened.forget(open_path) else {
+            return;
+        };
+        for path in forgotten.paths {
+            let _ = self.inner.evict(&Evict::Elf(evict::Elf::new(path)));
+        }
+        self.files.remove(&forgotten.stamp);
     }
 
     /// addrs[0] is the exact instruction pointer of the innermost frame;
@@ -71,56 +88,48 @@ impl Symbolizer {
     /// Returns the frames, innermost first: for each address, its inlined
     /// frames first (inlined: true), then the outer function frame.
     pub fn symbolize(&mut self, addrs: &[u64], modules: &[Module]) -> Vec<Frame> {
-        let points: Vec<Point> = addrs
-            .iter()
-            .enumerate()
-            .map(|(i, &a)| Point {
-                addr: a,
-                ret: i > 0,
+        let points: Vec<CodeAddr> = (addrs.iter().enumerate())
+            .map(|(i, &a)| match i {
+                0 => CodeAddr::exact(a),
+                _ => CodeAddr::ret(a),
             })
             .collect();
-        self.symbolize_points(&points, modules)
-            .into_iter()
-            .flatten()
-            .collect()
+        let frames = self.symbolize_points(&points, modules);
+        frames.into_iter().flatten().collect()
     }
 
     /// Many stacks of one process at once: each distinct address is
     /// looked up once however many threads share it (a dump of a hundred
     /// threads parked in the same functions is mostly repeats).
-    pub fn symbolize_stacks(&mut self, stacks: &[&[u64]], modules: &[Module]) -> Vec<Vec<Frame>> {
-        let mut index: HashMap<Point, usize> = HashMap::new();
+    /// For each stack, for each of its addresses, that address's frames
+    /// (inlined ones first): callers place markers such as `<signal
+    /// handler called>` between addresses.
+    pub fn symbolize_stacks(
+        &mut self,
+        stacks: &[&[CodeAddr]],
+        modules: &[Module],
+    ) -> Vec<Vec<Vec<Frame>>> {
+        let mut index: HashMap<CodeAddr, usize> = HashMap::new();
         let mut points = Vec::new();
-        for addrs in stacks {
-            for (i, &addr) in addrs.iter().enumerate() {
-                let p = Point { addr, ret: i > 0 };
-                index.entry(p).or_insert_with(|| {
-                    points.push(p);
-                    points.len() - 1
-                });
-            }
+        for &p in stacks.iter().flat_map(|s| s.iter()) {
+            index.entry(p).or_insert_with(|| {
+                points.push(p);
+                points.len() - 1
+            });
         }
         let frames = self.symbolize_points(&points, modules);
-        stacks
-            .iter()
-            .map(|addrs| {
-                addrs
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(i, &addr)| {
-                        frames[index[&Point { addr, ret: i > 0 }]].iter().cloned()
-                    })
-                    .collect()
-            })
+        let frames_of = |p: &CodeAddr| index.get(p).map_or_else(Vec::new, |&i| frames[i].clone());
+        (stacks.iter())
+            .map(|s| s.iter().map(frames_of).collect())
             .collect()
     }
 
     /// The frames of each point, in the order given.
-    fn symbolize_points(&mut self, points: &[Point], modules: &[Module]) -> Vec<Vec<Frame>> {
+    fn symbolize_points(&mut self, points: &[CodeAddr], modules: &[Module]) -> Vec<Vec<Frame>> {
         let addrs: Vec<u64> = points.iter().map(|p| p.addr).collect();
         // A return address may be the first byte past its module (call as
         // the last instruction), so the module is chosen by the lookup address.
-        let lookup = |i: usize| addrs[i].saturating_sub(u64::from(points[i].ret));
+        let lookup = |i: usize| points[i].lookup();
         let mut per_addr: Vec<Vec<Frame>> = vec![Vec::new(); addrs.len()];
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
         for i in 0..addrs.len() {
@@ -139,6 +148,7 @@ impl Symbolizer {
         for (m, idxs) in groups {
             let module = &modules[m];
             let info = file_info(&mut self.files, &self.debug_dirs, &module.open_path);
+            self.opened.used(&module.open_path, info.debug_file());
             let build_id = module
                 .build_id
                 .as_deref()
@@ -177,16 +187,28 @@ impl Symbolizer {
                 };
             }
         }
+        if self.opened.over_budget() {
+            // blazesym also holds files we never name (the debug links it
+            // followed): only a new instance surely lets go of them all.
+            self.inner = new_inner(&self.debug_dirs);
+            self.files.clear();
+            self.opened.clear();
+        }
         per_addr
     }
 }
 
-/// An address to symbolize: an exact instruction pointer, or a return
-/// address (looked up at `addr - 1`, printed as given).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct Point {
-    addr: u64,
-    ret: bool,
+fn new_inner(debug_dirs: &[PathBuf]) -> bz::Symbolizer {
+    bz::Symbolizer::builder()
+        .set_debug_dirs(Some(debug_dirs))
+        // On by default; spelled out because the frames depend on them.
+        .enable_code_info(true)
+        .enable_inlined_fns(true)
+        // blazesym would run the C++ demangler on every name, mangled
+        // or not, turning a C function `t` into `unsigned short`; we
+        // demangle only mangled names ourselves (see `demangle`).
+        .enable_demangling(false)
+        .build()
 }
 
 /// `elf_sym` replaces the outer function's name and offset when `sym` could
@@ -336,5 +358,83 @@ mod tests {
             f.file.is_some() && f.line.is_some() && f.build_id.is_some(),
             "{f:?}"
         );
+    }
+
+    /// Files under `dir` this process holds open or mapped.
+    fn held_under(dir: &std::path::Path) -> std::collections::BTreeSet<PathBuf> {
+        let fds = std::fs::read_dir("/proc/self/fd").unwrap();
+        let mut held: std::collections::BTreeSet<PathBuf> = fds
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|p| p.starts_with(dir))
+            .collect();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mapped = maps.lines().filter_map(|l| l.split_whitespace().nth(5));
+        held.extend(mapped.map(PathBuf::from).filter(|p| p.starts_with(dir)));
+        held
+    }
+
+    #[test]
+    fn forgotten_and_over_budget_files_are_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let exes: Vec<PathBuf> = (0..4)
+            .map(|i| {
+                let sub = dir.path().join(i.to_string());
+                std::fs::create_dir(&sub).unwrap();
+                compile(&sub, "cc", "prog.c", C_SRC)
+            })
+            .collect();
+        let (outer, _) = symbol(&exes[0], false, |n| n == "outer");
+        let check = |s: &mut Symbolizer, exe: &PathBuf| {
+            let frames = s.symbolize(&[BIAS + outer], &[exec_module(exe)]);
+            assert_eq!(name(frames.last().unwrap()), "outer", "{frames:?}");
+        };
+
+        let mut s = Symbolizer::new();
+        for exe in &exes {
+            check(&mut s, exe);
+        }
+        assert_eq!(held_under(dir.path()).len(), exes.len());
+        assert_eq!(s.opened.len(), exes.len());
+        for exe in &exes {
+            s.forget_file(exe);
+        }
+        assert!(
+            held_under(dir.path()).is_empty(),
+            "{:?}",
+            held_under(dir.path())
+        );
+        assert_eq!(s.opened.len(), 0);
+        assert!(s.files.is_empty());
+        // Forgotten files are read again when asked for.
+        check(&mut s, &exes[0]);
+
+        let limits = SymbolizerLimits {
+            files: 2,
+            bytes: u64::MAX,
+        };
+        drop(s);
+        let mut s = Symbolizer::new().with_limits(limits);
+        for exe in &exes {
+            check(&mut s, exe);
+            assert!(
+                held_under(dir.path()).len() <= 2,
+                "{:?}",
+                held_under(dir.path())
+            );
+        }
+        let size = std::fs::metadata(&exes[0]).unwrap().len();
+        drop(s);
+        let mut s = Symbolizer::new().with_limits(SymbolizerLimits {
+            files: 100,
+            bytes: size,
+        });
+        for exe in &exes {
+            check(&mut s, exe);
+            assert!(
+                held_under(dir.path()).len() <= 1,
+                "{:?}",
+                held_under(dir.path())
+            );
+        }
     }
 }

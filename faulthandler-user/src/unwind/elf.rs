@@ -3,15 +3,17 @@
 
 use std::fs::File;
 use std::ops::Range;
+use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 use std::sync::Arc;
 
 use framehop::ExplicitModuleSectionInfo;
-use object::read::elf::{ElfFile64, ProgramHeader as _};
-use object::{CompressionFormat, Object as _, ObjectSection as _, ReadCache};
+use object::elf::{self, FileHeader64};
+use object::read::elf::{FileHeader as _, ProgramHeader as _, SectionHeader as _};
+use object::{Endianness, ReadCache};
 
-use super::cfi::fde_ranges;
-use crate::modules::Module;
+use super::cfi::{self, Coverage};
+use crate::modules::{self, Module};
 use crate::procs;
 
 const PAGE: u64 = 4096;
@@ -38,9 +40,11 @@ pub(super) struct ElfInfo {
     loads: Vec<Load>,
     base_svma: u64,
     sections: ExplicitModuleSectionInfo<Data>,
-    /// Sorted `[start, end)` SVMAs covered by the CFI handed to framehop;
-    /// framehop silently falls back to frame pointers outside them.
-    cfi: Vec<(u64, u64)>,
+    /// What the CFI handed to framehop covers; framehop silently falls
+    /// back to frame pointers outside it.
+    cfi: Coverage,
+    /// Approximate memory held, for the cache budget.
+    pub(super) bytes: u64,
 }
 
 #[derive(Clone)]
@@ -68,9 +72,18 @@ impl Mapped {
 
     pub(super) fn has_cfi_for(&self, addr: u64) -> bool {
         let svma = addr.wrapping_sub(self.bias);
-        let cfi = &self.file.cfi;
-        let i = cfi.partition_point(|r| r.0 <= svma);
-        self.range.contains(&addr) && i > 0 && svma < cfi[i - 1].1
+        self.range.contains(&addr) && cfi::contains(&self.file.cfi.fdes, svma)
+    }
+
+    /// Whether the CFI marks the code at return address `ra` as a signal
+    /// trampoline. glibc starts the FDE one byte before `__restore_rt` so
+    /// that `ra - 1` finds it; `ra` itself is checked too for CFI that
+    /// does not.
+    pub(super) fn cfi_trampoline(&self, ra: u64) -> bool {
+        let t = &self.file.cfi.trampolines;
+        let svma = ra.wrapping_sub(self.bias);
+        self.range.contains(&ra)
+            && (cfi::contains(t, svma) || cfi::contains(t, svma.wrapping_sub(1)))
     }
 }
 
@@ -79,6 +92,17 @@ pub(super) fn identity(m: &Module) -> Option<Identity> {
         return Some(Identity::BuildId(id.clone()));
     }
     procs::file_stamp(&m.open_path).map(Identity::Stat)
+}
+
+/// `mov $15, %rax; syscall` (rt_sigreturn): the whole of glibc's and
+/// musl's `__restore_rt`, the `sa_restorer` a handler returns to.
+const SIGRETURN: [u8; 9] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05];
+
+/// Whether the file holds rt_sigreturn code at `offset`.
+pub(super) fn is_sigreturn(path: &Path, offset: u64) -> bool {
+    let mut code = [0u8; SIGRETURN.len()];
+    let read = File::open(path).and_then(|f| f.read_exact_at(&mut code, offset));
+    read.is_ok() && code == SIGRETURN
 }
 
 /// Load bias (AVMA - SVMA) of the mapping of `file_offset` at `start`.
@@ -97,51 +121,56 @@ fn load_bias(loads: &[Load], start: u64, file_offset: u64) -> Option<u64> {
 }
 
 pub(super) fn load_elf(path: &Path, build_id: Option<&[u8]>) -> Option<ElfInfo> {
-    let mut file = File::open(path).ok()?;
+    // ReadCache pulls in the headers and the few sections asked for, never
+    // the (possibly huge) debug info or symbol tables.
+    let data = ReadCache::new(File::open(path).ok()?);
+    let data = &data;
+    let header = FileHeader64::<Endianness>::parse(data).ok()?;
+    let e = header.endian().ok()?;
+    if header.e_machine(e) != elf::EM_X86_64 {
+        return None;
+    }
     // CFI from a file replaced since the process mapped it would be wrong.
-    // `build_id` came from procs::build_id, so read this one the same way.
-    if build_id.is_some() && procs::build_id(&mut file).as_deref() != build_id {
+    // `build_id` came from procs::build_id, which reads it the same way.
+    if build_id.is_some() && modules::elf_build_id(header, e, data).as_deref() != build_id {
         return None;
     }
-    // ReadCache pulls in headers and the few sections asked for, never the
-    // (possibly huge) debug info; it seeks before every read.
-    let cache = ReadCache::new(file);
-    let elf = ElfFile64::<object::Endianness, _>::parse(&cache).ok()?;
-    if elf.architecture() != object::Architecture::X86_64 {
-        return None;
-    }
-    let e = elf.endian();
-    let loads: Vec<Load> = (elf.elf_program_headers().iter())
-        .filter(|p| p.p_type(e) == object::elf::PT_LOAD)
+    let loads: Vec<Load> = (header.program_headers(e, data).ok()?.iter())
+        .filter(|p| p.p_type(e) == elf::PT_LOAD)
         .map(|p| Load {
             vaddr: p.p_vaddr(e),
             offset: p.p_offset(e),
             filesz: p.p_filesz(e),
-            exec: p.p_flags(e) & object::elf::PF_X != 0,
+            exec: p.p_flags(e) & elf::PF_X != 0,
         })
         .collect();
     let base_svma = loads.iter().map(|l| l.vaddr).min()?;
+    let table = header.sections(e, data).ok()?;
+    let section = |name: &str| table.section_by_name(e, name.as_bytes()).map(|(_, s)| s);
     let range = |name: &str| {
-        let s = elf.section_by_name(name)?;
-        Some(s.address()..s.address().saturating_add(s.size()))
+        let s = section(name)?;
+        Some(s.sh_addr(e)..s.sh_addr(e).saturating_add(s.sh_size(e)))
     };
-    let data = |name: &str| {
-        let s = elf.section_by_name(name)?;
-        let plain = s.compressed_file_range().ok()?.format == CompressionFormat::None;
-        let d = s.data().ok().filter(|d| plain && !d.is_empty());
+    let contents = |name: &str| {
+        let s = section(name).filter(|s| s.sh_flags(e) & COMPRESSED == 0)?;
+        let d = s.data(e, data).ok().filter(|d| !d.is_empty());
         d.map(Data::from)
     };
     let (text_svma, got_svma) = (range(".text"), range(".got"));
     let start = |r: &Option<Range<u64>>| r.as_ref().map_or(0, |r| r.start);
-    let bases = (start(&text_svma), start(&got_svma));
-    let (eh_frame_svma, eh_frame) = (range(".eh_frame"), data(".eh_frame"));
-    let debug_frame = data(".debug_frame");
-    let eh_cfi = match (&eh_frame, &eh_frame_svma) {
-        (Some(d), Some(r)) => fde_ranges(d, r.start, true, bases),
-        _ => Vec::new(),
+    let bases = cfi::Bases {
+        text: start(&text_svma),
+        got: start(&got_svma),
     };
-    let debug_cfi =
-        (debug_frame.as_ref()).map_or_else(Vec::new, |d| fde_ranges(d, 0, false, bases));
+    let (eh_frame_svma, eh_frame) = (range(".eh_frame"), contents(".eh_frame"));
+    let debug_frame = contents(".debug_frame");
+    let eh_cfi = match (&eh_frame, &eh_frame_svma) {
+        (Some(d), Some(r)) => cfi::eh_frame(d, r.start, bases),
+        _ => Coverage::default(),
+    };
+    let debug_cfi = debug_frame
+        .as_deref()
+        .map_or_else(Coverage::default, cfi::debug_frame);
     let mut sections = ExplicitModuleSectionInfo {
         base_svma,
         text_svma,
@@ -150,28 +179,36 @@ pub(super) fn load_elf(path: &Path, build_id: Option<&[u8]>) -> Option<ElfInfo> 
     };
     // framehop reads .debug_frame only when there is no .eh_frame, yet
     // `-fno-asynchronous-unwind-tables -g` leaves just crt stubs in .eh_frame.
-    let cfi = if span(&debug_cfi) > span(&eh_cfi) {
+    let cfi = if debug_cfi.span() > eh_cfi.span() {
         sections.debug_frame = debug_frame;
         debug_cfi
     } else {
         sections.eh_frame_hdr_svma = range(".eh_frame_hdr");
-        sections.eh_frame_hdr = data(".eh_frame_hdr");
+        sections.eh_frame_hdr = contents(".eh_frame_hdr");
         sections.eh_frame_svma = eh_frame_svma;
         sections.eh_frame = eh_frame;
         eh_cfi
     };
-    let info = ElfInfo {
+    let len = |d: &Option<Data>| d.as_ref().map_or(0, |d| d.len() as u64);
+    let bytes = [
+        &sections.eh_frame,
+        &sections.eh_frame_hdr,
+        &sections.debug_frame,
+    ]
+    .into_iter()
+    .fold(cfi.heap_bytes(), |n, d| n.saturating_add(len(d)));
+    Some(ElfInfo {
         loads,
         base_svma,
         sections,
         cfi,
-    };
-    Some(info)
+        bytes,
+    })
 }
 
-fn span(ranges: &[(u64, u64)]) -> u64 {
-    ranges.iter().fold(0, |n, r| n.saturating_add(r.1 - r.0))
-}
+/// Sections whose data is compressed (`SHF_COMPRESSED`) are skipped:
+/// framehop wants the raw bytes.
+const COMPRESSED: u64 = elf::SHF_COMPRESSED as u64;
 
 #[cfg(test)]
 mod tests {
@@ -205,13 +242,39 @@ mod tests {
     #[test]
     fn unwind_load_elf_checks_build_id() {
         let exe = Path::new("/proc/self/exe");
-        let id = procs::build_id(&mut File::open(exe).expect("open exe"));
+        let id = procs::build_id(File::open(exe).expect("open exe"));
         let id = id.expect("test binaries have a build-id");
         let info = load_elf(exe, Some(&id)).expect("own build-id accepted");
-        assert!(!info.loads.is_empty() && !info.cfi.is_empty());
+        assert!(!info.loads.is_empty() && !info.cfi.fdes.is_empty());
+        assert!(info.bytes > 0);
         let mut other = id.clone();
         other[0] ^= 0xff;
         assert!(load_elf(exe, Some(&other)).is_none(), "replaced file");
         assert!(load_elf(exe, None).is_some());
+    }
+
+    #[test]
+    fn unwind_sigreturn_code_where_cfi_says_signal_frame() {
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+        let libc = maps.lines().find_map(|l| {
+            let path = l.split_whitespace().nth(5)?;
+            path.contains("/libc.so")
+                .then(|| Path::new(path).to_path_buf())
+        });
+        let libc = libc.expect("the test binary maps libc");
+        let info = load_elf(&libc, None).expect("libc parses");
+        let tramp = info.cfi.trampolines.first();
+        let &(start, _) = tramp.expect("glibc marks __restore_rt with an `S` CIE");
+        let offset = |svma: u64| {
+            let l = info
+                .loads
+                .iter()
+                .find(|l| l.vaddr <= svma && svma < l.vaddr + l.filesz);
+            svma - l.expect("in a segment").vaddr + l.expect("in a segment").offset
+        };
+        // glibc's FDE starts at the nop before `__restore_rt`.
+        assert!(is_sigreturn(&libc, offset(start + 1)));
+        assert!(!is_sigreturn(&libc, offset(start)));
+        assert!(!is_sigreturn(Path::new("/nonexistent"), 0));
     }
 }

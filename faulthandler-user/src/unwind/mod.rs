@@ -1,25 +1,32 @@
-//! Unwind stage: a crashing thread's registers plus a copy of the top of its
-//! stack become return addresses. Pure apart from reading (and caching) the
-//! module files for their DWARF CFI; x86_64 only.
+//! Unwind stage: a thread's registers plus a copy of the top of its stack
+//! become code addresses, stepping through signal handler frames. Pure
+//! apart from reading (and caching) the module files for their CFI;
+//! x86_64 only.
+//!
+//! Nothing but code leaves this stage: a return address outside the
+//! process's executable file mappings ends the unwind unshown, since a
+//! corrupt or hostile stack can make any memory word look like one.
 
+mod cache;
 mod cfi;
 mod elf;
+mod sigframe;
+#[cfg(test)]
+mod tests;
+mod walk;
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 
-use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
-use framehop::{FrameAddress, Unwinder as _};
+use framehop::Unwinder as _;
+use framehop::x86_64::UnwinderX86_64;
 
-use self::elf::{ElfInfo, Identity, Mapped, identity, load_elf};
+pub use self::cache::CacheLimits;
+use self::cache::FileCache;
+use self::elf::Mapped;
 use crate::modules::{self, Module};
 
-/// User space ends here with 4-level paging, and 5-level paging only hands
-/// out higher addresses on explicit request: nothing above is a return address.
-const USER_ADDR_LIMIT: u64 = 0x0000_8000_0000_0000;
-/// A daemon sees many short-lived processes; bounding beats tracking liveness.
-const MAX_CACHED_FILES: usize = 256;
+type Data = Arc<[u8]>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Regs {
@@ -41,6 +48,99 @@ impl StackCopy<'_> {
         let b = self.bytes.get(off..off.checked_add(8)?)?;
         b.try_into().ok().map(u64::from_le_bytes)
     }
+
+    fn contains(&self, addr: u64) -> bool {
+        addr.checked_sub(self.base)
+            .is_some_and(|off| off < self.bytes.len() as u64)
+    }
+}
+
+/// A code address of a stack: the exact address of an instruction that
+/// was executing (a thread's IP, or the IP a signal interrupted), or a
+/// return address, whose call is the byte before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CodeAddr {
+    pub addr: u64,
+    pub is_return: bool,
+}
+
+impl CodeAddr {
+    pub fn exact(addr: u64) -> Self {
+        Self {
+            addr,
+            is_return: false,
+        }
+    }
+
+    pub fn ret(addr: u64) -> Self {
+        Self {
+            addr,
+            is_return: true,
+        }
+    }
+
+    /// Where the executing instruction is: for a return address, within
+    /// the call before it (which may be the last byte of a function).
+    pub fn lookup(self) -> u64 {
+        self.addr.saturating_sub(u64::from(self.is_return))
+    }
+}
+
+/// A signal handler frame found on the stack: gdb's `<signal handler
+/// called>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignalFrame {
+    /// `frames[index]` is the interrupted instruction (an exact address),
+    /// then come its callers; the handler's frames are before it. Equals
+    /// `frames.len()` when the unwind stopped at the signal frame.
+    pub index: usize,
+    /// The interrupted IP and stack pointer, as the kernel saved them: they
+    /// equal the registers at the delivery that called the handler, which
+    /// is how a capture of that delivery is matched with this frame.
+    pub ip: u64,
+    pub sp: u64,
+    /// The signal the handler was called for, when the frame holds it in a
+    /// form the kernel's own register save confirms (an SA_SIGINFO
+    /// handler of a fault: see `sigframe`). `None` otherwise: the bytes
+    /// are then whatever the stack held.
+    pub info: Option<SigInfo>,
+    /// The thread's last hardware exception, as the kernel saved it.
+    pub trap: Trap,
+}
+
+impl SignalFrame {
+    /// The fault a handler of `signo` was most likely called for, e.g. for
+    /// a handler that re-raised `signo`: the confirmed siginfo when there
+    /// is one (`None` if it names another signal), else what the saved
+    /// exception implies (see `sigframe::from_trap`). The exception is the
+    /// thread's last one: a `signo` sent by another process to a thread
+    /// that once faulted would be taken for that fault.
+    pub fn fault_for(&self, signo: i32) -> Option<SigInfo> {
+        match self.info {
+            Some(info) => (info.signo == signo).then_some(info),
+            None => sigframe::from_trap(signo, self.ip, self.trap),
+        }
+    }
+}
+
+/// `trapno`, `err` and `cr2` of the saved sigcontext: the vector of the
+/// thread's last exception, its error code and, for a page fault, the
+/// address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trap {
+    pub trapno: u64,
+    pub error_code: u64,
+    pub cr2: u64,
+}
+
+/// The part of a siginfo a report names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SigInfo {
+    pub signo: i32,
+    /// si_code, e.g. SEGV_MAPERR.
+    pub code: i32,
+    /// si_addr.
+    pub addr: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,26 +160,60 @@ impl Method {
     }
 }
 
-/// `addrs[0]` is the ip, then raw return addresses, outermost last.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Unwound {
-    pub addrs: Vec<u64>,
-    pub method: Method,
-    pub truncated: bool,
-    pub error: Option<String>,
+/// Why an unwind stopped early. No message carries an address: those
+/// come from memory that may hold anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UnwindError {
+    #[error("the stack continues past the captured copy")]
+    OutsideCopy,
+    #[error("a return address is outside the process's executable mappings (not shown)")]
+    NotCode,
+    #[error("the stack pointer did not increase")]
+    SpDidNotIncrease,
+    #[error("the signal frame is past the captured copy")]
+    BadSignalFrame,
+    #[error("the interrupted instruction pointer is outside any executable mapping (not shown)")]
+    InterruptedIpNotCode,
+    #[error("the interrupted code ran on another stack than the signal handler (sigaltstack)")]
+    OtherStack,
+    /// Never `CouldNotReadStack`, whose message holds an address.
+    #[error("unwinding failed")]
+    Step(#[source] framehop::Error),
 }
 
-type FileKey = (PathBuf, Identity);
-/// Plus start, end and file offset of the mapping.
-type MapKey = (FileKey, u64, u64, u64);
+/// Innermost first: `frames[0]` is the thread's IP, then return
+/// addresses, and after each signal frame the interrupted IP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unwound {
+    pub frames: Vec<CodeAddr>,
+    pub signal_frames: Vec<SignalFrame>,
+    pub method: Method,
+    pub truncated: bool,
+    pub error: Option<UnwindError>,
+}
 
-/// Caches parsed files and framehop modules across unwinds.
+impl Unwound {
+    fn new(ip: u64) -> Self {
+        Self {
+            frames: vec![CodeAddr::exact(ip)],
+            signal_frames: Vec::new(),
+            method: Method::FramePointer,
+            truncated: false,
+            error: None,
+        }
+    }
+
+    /// The addresses alone, innermost first.
+    pub fn addrs(&self) -> Vec<u64> {
+        self.frames.iter().map(|f| f.addr).collect()
+    }
+}
+
+/// Caches parsed files and framehop modules across unwinds, within
+/// `CacheLimits`.
 #[derive(Default)]
 pub struct Unwinder {
-    files: HashMap<FileKey, Option<Arc<ElfInfo>>>,
-    maps: HashMap<MapKey, Option<Mapped>>,
-    /// ELF files opened so far; lets tests prove the cache works.
-    parses: usize,
+    cache: FileCache,
 }
 
 impl Unwinder {
@@ -87,7 +221,14 @@ impl Unwinder {
         Self::default()
     }
 
-    /// `max_frames` counts `addrs[0]`; the ip is always returned.
+    pub fn with_limits(limits: CacheLimits) -> Self {
+        Self {
+            cache: FileCache::new(limits),
+        }
+    }
+
+    /// `max_frames` counts `frames[0]`; the IP is always returned, mapped
+    /// or not: it is a register, not memory.
     pub fn unwind(
         &mut self,
         regs: &Regs,
@@ -95,313 +236,69 @@ impl Unwinder {
         modules: &[Module],
         max_frames: usize,
     ) -> Unwound {
-        if self.files.len() > MAX_CACHED_FILES {
-            self.files.clear();
-            self.maps.clear();
-        }
-        let mapped: Vec<Mapped> = modules.iter().filter_map(|m| self.mapped(m)).collect();
+        self.cache.start_use();
+        let mapped: Vec<Option<Mapped>> = modules.iter().map(|m| self.cache.mapped(m)).collect();
         // Fresh framehop state per call: its rule cache is keyed by a global
         // u16 generation that would wrap in a long-running daemon.
         let mut fh = UnwinderX86_64::new();
-        for m in &mapped {
+        for m in mapped.iter().flatten() {
             fh.add_module(m.fh.clone());
         }
-        let mut cache = CacheX86_64::new();
-        let has_cfi = |addr: u64| mapped.iter().any(|m| m.has_cfi_for(addr));
-        let mut read = |addr| stack.read_u64(addr).ok_or(());
-        let max_frames = max_frames.max(1);
-
-        let mut fregs = UnwindRegsX86_64::new(regs.ip, regs.sp, regs.bp);
-        let mut frame = FrameAddress::from_instruction_pointer(regs.ip);
-        let mut out = Unwound {
-            addrs: vec![regs.ip],
-            method: Method::FramePointer,
-            truncated: false,
-            error: None,
-        };
-        let mut steps = Vec::new();
-        loop {
-            let (lookup, sp) = (frame.address_for_lookup(), fregs.sp());
-            let ra = match fh.unwind_frame(frame, &mut fregs, &mut cache, &mut read) {
-                Ok(Some(ra)) if ra != 0 => ra,
-                Ok(_) => break,
-                Err(framehop::Error::CouldNotReadStack(a)) => {
-                    // Only a read past the copy's top while still in mapped
-                    // code means "more stack existed"; anything else is junk.
-                    let plausible = modules.is_empty() || modules::find(modules, lookup).is_some();
-                    let end = stack.base.saturating_add(stack.bytes.len() as u64);
-                    out.truncated = a >= end && plausible;
-                    out.error = Some(format!("stack read at {a:#x} outside the captured copy"));
-                    break;
-                }
-                Err(e) => {
-                    out.error = Some(e.to_string());
-                    break;
-                }
+        let has_cfi = |addr: u64| mapped.iter().flatten().any(|m| m.has_cfi_for(addr));
+        let cache = &mut self.cache;
+        let mut is_trampoline = |ra: u64| {
+            let Some(i) = modules.iter().position(|m| m.contains(ra)) else {
+                return false;
             };
-            if ra >= USER_ADDR_LIMIT {
-                out.error = Some(format!("non-canonical return address {ra:#x}"));
-                break;
+            match &mapped[i] {
+                Some(m) if m.cfi_trampoline(ra) => true,
+                // Covered by CFI that does not say "signal frame".
+                Some(m) if m.has_cfi_for(ra - 1) => false,
+                _ => cache.is_sigreturn(&modules[i], ra),
             }
-            if fregs.sp() <= sp {
-                out.error = Some(format!("stack pointer did not increase at {ra:#x}"));
-                break;
-            }
-            // Stepping once past the limit tells a cut stack from one that
-            // is exactly max_frames deep.
-            if out.addrs.len() >= max_frames {
-                out.truncated = true;
-                break;
-            }
-            out.addrs.push(ra);
-            steps.push(has_cfi(lookup));
-            match FrameAddress::from_return_address(ra) {
-                Some(next) => frame = next,
-                None => break,
-            }
-        }
-        if steps.is_empty() {
-            steps.push(has_cfi(regs.ip));
-        }
-        out.method = match (steps.contains(&true), steps.contains(&false)) {
-            (true, false) => Method::Dwarf,
-            (false, _) => Method::FramePointer,
-            (true, true) => Method::Mixed,
         };
+        let mut code = walk::Code {
+            modules,
+            has_cfi: &has_cfi,
+            is_trampoline: &mut is_trampoline,
+        };
+        let out = walk::walk(&fh, &mut code, regs, stack, max_frames);
+        self.cache.end_use();
         out
     }
 
-    fn mapped(&mut self, m: &Module) -> Option<Mapped> {
-        let fkey = (m.open_path.clone(), identity(m)?);
-        let key = (fkey.clone(), m.start, m.end, m.file_offset);
-        if let Some(hit) = self.maps.get(&key) {
-            return hit.clone();
-        }
-        let file = self.files.entry(fkey).or_insert_with(|| {
-            self.parses += 1;
-            load_elf(&m.open_path, m.build_id.as_deref()).map(Arc::new)
-        });
-        let mapped = file.clone().and_then(|file| Mapped::new(file, m));
-        self.maps.insert(key, mapped.clone());
-        mapped
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::procs::parse_maps_line;
-    use object::{Object as _, ObjectSymbol as _, SymbolKind};
-    use std::path::Path;
-    use std::process::Command;
-
-    /// Dumps its own registers, maps and top of stack from inside fh_c (or
-    /// a qsort comparator), then exits: a crash capture without root.
-    const PROGRAM: &str = r#"
-#include <stdio.h>
-#include <stdlib.h>
-#include <unistd.h>
-#define NOINLINE __attribute__((noinline, noclone))
-int main(int argc, char **argv);
-static const char *dir;
-static FILE *out(const char *name) {
-    char path[4096];
-    return snprintf(path, sizeof path, "%s/%s", dir, name), fopen(path, "w");
-}
-/* capture() hands dump_state the caller's state as of right after it returns. */
-void capture(void);
-__asm__(".text\n.globl capture\n.type capture,@function\ncapture:\n"
-        " movq (%rsp), %rdi\n leaq 8(%rsp), %rsi\n movq %rbp, %rdx\n jmp dump_state\n");
-__attribute__((used)) void dump_state(unsigned long ip, unsigned long sp, unsigned long bp) {
-    char line[4096];
-    unsigned long lo, hi, len = 0;
-    FILE *in = fopen("/proc/self/maps", "r"), *f = out("maps");
-    for (; fgets(line, sizeof line, in); fputs(line, f))
-        if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 && lo <= sp && sp < hi)
-            len = hi - sp < 32768 ? hi - sp : 32768;
-    fclose(f);
-    f = out("stack"), fwrite((void *)sp, 1, len, f), fclose(f);
-    f = out("regs"), fprintf(f, "%lx %lx %lx %lx", ip, sp, bp, (unsigned long)&main), fclose(f);
-    _exit(0);
-}
-NOINLINE int fh_c(int x) { volatile char b[40]; b[0] = x; if (x >= 0) capture(); return b[0] + 1; }
-NOINLINE int fh_b(int x) { volatile char b[72]; b[1] = x; return fh_c(x + b[1]) + 2; }
-NOINLINE int fh_a(int x) { volatile long b[3]; b[2] = x; return fh_b(x + b[2]) * 3; }
-static int calls;
-NOINLINE int fh_cmp(const void *p, const void *q) {
-    if (++calls == 3) capture();
-    return *(const int *)p - *(const int *)q;
-}
-NOINLINE int fh_sorter(int n) {
-    int v[16];
-    for (int i = 0; i < 16; i++) v[i] = (i * 7 + n) % 16;
-    return qsort(v, 16, sizeof v[0], fh_cmp), v[0] + v[15];
-}
-int main(int argc, char **argv) {
-    dir = argv[1];
-    return (argv[2][0] == 'q' ? fh_sorter(argc) : fh_a(argc)) == 12345;
-}
-"#;
-    const OMIT_FP: &[&str] = &["-O2", "-fomit-frame-pointer", "-g"];
-    const KEEP_FP: &[&str] = &["-O0", "-fno-omit-frame-pointer", "-g"];
-    const CHAIN: [&str; 4] = ["fh_c", "fh_b", "fh_a", "main"];
-
-    struct Capture {
-        dir: tempfile::TempDir,
-        exe: PathBuf,
-        regs: Regs,
-        stack: Vec<u8>,
-        modules: Vec<Module>,
-        main: u64,
-    }
-
-    fn capture(flags: &[&str], mode: &str) -> Capture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (src, exe) = (dir.path().join("t.c"), dir.path().join("t"));
-        std::fs::write(&src, PROGRAM).expect("write source");
-        let cc = Command::new("cc")
-            .args(flags)
-            .arg("-o")
-            .arg(&exe)
-            .arg(&src)
-            .status();
-        assert!(cc.expect("run cc").success(), "cc failed");
-        let run = Command::new(&exe).arg(dir.path()).arg(mode).status();
-        assert!(run.expect("run test program").success());
-        let read = |n| std::fs::read_to_string(dir.path().join(n)).expect(n);
-        let h = |s: &str| u64::from_str_radix(s, 16).ok();
-        let r: Vec<u64> = read("regs").split(' ').filter_map(h).collect();
-        let module = |l| parse_maps_line(l).map(|m| m.module(m.path.into(), None, None));
-        let (regs, main) = (
-            Regs {
-                ip: r[0],
-                sp: r[1],
-                bp: r[2],
-            },
-            r[3],
-        );
-        let stack = std::fs::read(dir.path().join("stack")).expect("stack");
-        let modules = read("maps").lines().filter_map(module).collect();
-        let exe = exe.canonicalize().expect("canonical exe");
-        Capture {
-            dir,
-            exe,
-            regs,
-            stack,
-            modules,
-            main,
-        }
-    }
-
-    impl Capture {
-        fn unwind(&self, modules: &[Module], max_frames: usize, len: usize) -> Unwound {
-            let stack = StackCopy {
-                base: self.regs.sp,
-                bytes: &self.stack[..len],
+    /// The kernel's frame-pointer walk (`bpf_get_stack`: the IP, then
+    /// return addresses) through the same filter as `unwind`: it stops at
+    /// the first word that is not a return address into code. `fp[0]` is
+    /// kept whatever it is, as in `unwind`.
+    pub fn unwind_fp_chain(fp: &[u64], modules: &[Module], max_frames: usize) -> Unwound {
+        let Some((&ip, rest)) = fp.split_first() else {
+            return Unwound {
+                frames: Vec::new(),
+                ..Unwound::new(0)
             };
-            Unwinder::new().unwind(&self.regs, &stack, modules, max_frames)
-        }
-
-        /// The modules, those matching `which` reopened from `path`.
-        fn moved(&self, path: &Path, which: impl Fn(&Module) -> bool) -> Vec<Module> {
-            let mut modules = self.modules.clone();
-            for m in modules.iter_mut().filter(|m| which(m)) {
-                m.open_path = path.into();
-            }
-            modules
-        }
-
-        /// Function names (symbol table, placed via `main`'s run-time
-        /// address) of the executable's frames, `[file]` for other modules.
-        fn names(&self, u: &Unwound) -> Vec<String> {
-            let data = std::fs::read(&self.exe).expect("read exe");
-            let obj = object::File::parse(&*data).expect("parse exe");
-            let syms: Vec<_> = (obj.symbols().filter(|s| s.kind() == SymbolKind::Text))
-                .map(|s| (s.address(), s.size(), s.name().unwrap_or("?").to_string()))
-                .collect();
-            let bias = self.main - syms.iter().find(|s| s.2 == "main").expect("main").0;
-            let name = |(i, &a): (usize, &u64)| match modules::find(&self.modules, a) {
-                Some(m) if m.open_path != self.exe => m.name.rsplit('/').next().map(String::from),
-                _ => {
-                    let svma = a - bias - u64::from(i > 0);
-                    let sym = syms.iter().find(|s| s.0 <= svma && svma < s.0 + s.1);
-                    sym.map(|s| s.2.clone())
-                }
-            };
-            let names = u.addrs.iter().enumerate().map(name);
-            names.map(Option::unwrap_or_default).collect()
-        }
-    }
-
-    #[test]
-    fn unwind_dwarf_without_frame_pointers_and_cache() {
-        let c = capture(OMIT_FP, "chain");
-        let mut unwinder = Unwinder::new();
-        let stack = StackCopy {
-            base: c.regs.sp,
-            bytes: &c.stack,
         };
-        let u = unwinder.unwind(&c.regs, &stack, &c.modules, 64);
-        assert_eq!(c.names(&u)[..4], CHAIN, "{u:?}");
-        assert_eq!(
-            (u.method, u.method.as_str()),
-            (Method::Dwarf, "dwarf"),
-            "{u:?}"
-        );
-        assert!(!u.truncated && u.error.is_none(), "{u:?}");
-        let parses = unwinder.parses;
-        assert!(parses >= 2, "exe and libc at least");
-        assert_eq!(unwinder.unwind(&c.regs, &stack, &c.modules, 64), u);
-        assert_eq!(unwinder.parses, parses, "second unwind re-parsed");
+        let mut out = Unwound::new(ip);
+        for &ra in rest {
+            if ra == 0 {
+                break;
+            }
+            if modules::find(modules, ra - 1).is_none() {
+                out.error = Some(UnwindError::NotCode);
+                break;
+            }
+            if out.frames.len() >= max_frames.max(1) {
+                out.truncated = true;
+                break;
+            }
+            out.frames.push(CodeAddr::ret(ra));
+        }
+        out
     }
 
-    #[test]
-    fn unwind_frame_pointers_with_and_without_cfi() {
-        let c = capture(KEEP_FP, "chain");
-        let u = c.unwind(&c.modules, 64, c.stack.len());
-        assert_eq!(c.names(&u)[..4], CHAIN, "{u:?}");
-        assert_eq!(u.method, Method::Dwarf, "{u:?}");
-        // Not ELF at all: no CFI anywhere, framehop walks rbp.
-        let not_elf = c.moved(&c.dir.path().join("t.c"), |_| true);
-        let u = c.unwind(&not_elf, 64, c.stack.len());
-        assert_eq!(c.names(&u)[..4], CHAIN, "{u:?}");
-        assert_eq!(u.method, Method::FramePointer, "{u:?}");
-        // Executable unreadable, libc fine: rbp up to main, CFI beyond.
-        let moved = c.moved(Path::new("/nonexistent/t"), |m| m.open_path == c.exe);
-        let u = c.unwind(&moved, 64, c.stack.len());
-        let names = c.names(&u);
-        assert!(names[..4] == CHAIN && names[4].starts_with("libc"), "{u:?}");
-        assert_eq!(u.method, Method::Mixed, "{u:?}");
-    }
-
-    #[test]
-    fn unwind_stops_at_copy_end_and_max_frames() {
-        let c = capture(OMIT_FP, "chain");
-        let u = c.unwind(&c.modules, 64, 16);
-        assert_eq!(u.addrs, [c.regs.ip], "{u:?}");
-        assert!(u.truncated && u.error.is_some(), "{u:?}");
-        let u = c.unwind(&c.modules, 2, c.stack.len());
-        assert_eq!(c.names(&u), CHAIN[..2], "{u:?}");
-        assert!(u.truncated && u.error.is_none(), "{u:?}");
-        // No CFI at all: rbp is junk in -O2 code, but nothing may panic.
-        let not_elf = c.moved(&c.dir.path().join("t.c"), |_| true);
-        let u = c.unwind(&not_elf, 64, c.stack.len());
-        assert_eq!(u.method, Method::FramePointer, "{u:?}");
-    }
-
-    #[test]
-    fn unwind_qsort_callback_through_libc() {
-        let c = capture(OMIT_FP, "qsort");
-        let u = c.unwind(&c.modules, 64, c.stack.len());
-        let names = c.names(&u);
-        let in_libc = |n: &&String| n.starts_with("libc");
-        let libc = names[1..].iter().take_while(in_libc).count();
-        assert!(names[0] == "fh_cmp" && libc >= 1, "{names:?}");
-        assert_eq!(
-            names[1 + libc..3 + libc],
-            ["fh_sorter", "main"],
-            "{names:?}"
-        );
-        assert_eq!(u.method, Method::Dwarf, "{u:?}");
+    /// Drops what is cached for the file at `open_path` (e.g. a deleted
+    /// binary no tracked process maps any more).
+    pub fn forget_file(&mut self, open_path: &Path) {
+        self.cache.forget(open_path);
     }
 }
