@@ -9,6 +9,9 @@ pub mod output;
 pub mod pipeline;
 pub mod procs;
 pub mod profile;
+// Not wired into the pipeline yet (issue 8, phase 2): only tests use it.
+#[allow(dead_code)]
+pub(crate) mod python;
 pub mod report;
 pub mod run;
 pub mod signals;
