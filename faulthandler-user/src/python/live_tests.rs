@@ -144,17 +144,29 @@ pub(crate) fn interpreters() -> Vec<Interp> {
 
 /// The script every interpreter runs: three threads blocked at known
 /// depths. `# L:name` marks the lines the frames must be at.
-const SCRIPT: &str = r#"import os, sys, threading
+const SCRIPT: &str = r#"import faulthandler, os, signal, sys, threading
 
-def inner():
-    sys.stdout.write("ready\n"); sys.stdout.flush()
-    os.read(0, 1)  # L:read
+if len(sys.argv) > 1:
+    dump = open(sys.argv[1], "w")
+    faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
 
-def middle():
-    inner()  # L:middle
+def inner(block):
+    if block:
+        sys.stdout.write("ready\n"); sys.stdout.flush()
+        os.read(0, 1)  # L:read
+
+class Blocker:
+    def __init__(self, block):
+        inner(block)  # L:init
+
+def middle(block):
+    Blocker(block)  # L:middle
 
 def outer():
-    middle()  # L:outer
+    # Warm up: 3.12+ then calls __init__ through a shim frame.
+    for _ in range(100):
+        middle(False)
+    middle(True)  # L:outer
 
 def rec(n, ev):
     if n == 1:
@@ -199,9 +211,10 @@ impl Drop for Running {
     }
 }
 
-fn start(py: &Interp, script: &str) -> Option<Running> {
+fn start(py: &Interp, script: &str, args: &[&str]) -> Option<Running> {
     let mut cmd = py.command_with_file(script)?;
     let mut child = cmd
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -280,24 +293,37 @@ fn check(py: &Interp, pid: u32, target: &PyTarget, script: &str, threads: &[PyTh
         assert!(t.error.is_none(), "{label}: {t:#?}");
     }
 
-    // Main thread: inner → middle → outer → <module>, in the script.
+    // Main thread: inner → __init__ → middle → outer → <module>.
     let main = thread_with(threads, "inner");
     let got: Vec<_> = main
         .frames
         .iter()
         .map(|f| (f.function.as_str(), f.file.as_str(), f.line))
         .collect();
-    let want = vec![
+    let mut want = vec![
         ("inner", script, Some(line_of("read"))),
+        ("__init__", script, Some(line_of("init"))),
         ("middle", script, Some(line_of("middle"))),
         ("outer", script, Some(line_of("outer"))),
         ("<module>", script, Some(line_of("module"))),
     ];
+    if py.minor >= 13 {
+        // The specialized call of __init__ returns through a shim frame
+        // running `_Py_InitCleanup`, a code object named "__init__" in file
+        // "__init__" without lines. faulthandler, py-spy and pystack all
+        // show it too.
+        want.insert(2, ("__init__", "__init__", None));
+    }
     assert_eq!(got, want, "{label}: main thread");
     if py.minor >= 11 {
         assert_eq!(main.native_tid, Some(pid), "{label}: main thread's tid");
         let quals: Vec<_> = main.frames.iter().map(|f| f.qualified_name.as_deref()).collect();
-        assert_eq!(quals, [Some("inner"), Some("middle"), Some("outer"), Some("<module>")]);
+        let mut want = vec!["inner", "Blocker.__init__", "middle", "outer", "<module>"];
+        if py.minor >= 13 {
+            want.insert(2, "__init__");
+        }
+        let want: Vec<_> = want.into_iter().map(Some).collect();
+        assert_eq!(quals, want, "{label}");
     } else {
         assert_eq!(main.native_tid, None);
         assert!(main.frames.iter().all(|f| f.qualified_name.is_none()));
@@ -418,7 +444,7 @@ fn walks_every_interpreter() {
             Some(p) => p,
             None => continue,
         };
-        let Some(run) = start(&py, &script) else {
+        let Some(run) = start(&py, &script, &[]) else {
             continue;
         };
         let pid = run.child.id();
@@ -479,4 +505,110 @@ fn old_versions_are_refused() {
     if tried == 0 {
         println!("skip: no pyenv 3.7");
     }
+}
+
+/// faulthandler's rendering of a string (`_Py_DumpASCII`): printable ASCII
+/// as is, anything else as `\xHH`, `\uHHHH` or `\UHHHHHHHH`.
+fn faulthandler_escape(s: &str) -> String {
+    s.chars()
+        .map(|c| match c as u32 {
+            0x20..=0x7e => c.to_string(),
+            n @ 0..=0xff => format!("\\x{n:02x}"),
+            n @ 0x100..=0xffff => format!("\\u{n:04x}"),
+            n => format!("\\U{n:08x}"),
+        })
+        .collect()
+}
+
+/// faulthandler's dump: per thread, its pthread id and its frames as
+/// `  File "F", line N in NAME` lines.
+fn parse_faulthandler(text: &str) -> Vec<(u64, Vec<String>)> {
+    let mut threads: Vec<(u64, Vec<String>)> = Vec::new();
+    for line in text.lines() {
+        let header = line
+            .strip_prefix("Current thread 0x")
+            .or_else(|| line.strip_prefix("Thread 0x"));
+        if let Some(rest) = header {
+            let hex: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+            threads.push((u64::from_str_radix(&hex, 16).unwrap(), Vec::new()));
+        } else if let (Some(t), Some(frame)) = (threads.last_mut(), line.strip_prefix("  File ")) {
+            t.1.push(format!("File {frame}"));
+        }
+    }
+    threads
+}
+
+/// faulthandler prints at most this many frames per thread.
+const FAULTHANDLER_MAX_FRAMES: usize = 100;
+
+/// Each thread's frames as the target's own faulthandler prints them
+/// (`faulthandler.register(SIGUSR1, all_threads=True)`), up to its 100-frame
+/// limit and its first `<invalid frame>`.
+#[test]
+fn matches_the_targets_faulthandler() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = script_file(dir.path());
+    let mut tested = Vec::new();
+    for py in interpreters() {
+        let name = format!("rfh-trace-test-{}-fh-{}.txt", std::process::id(), py.minor);
+        let (dump_inside, dump_host) = match &py.root {
+            Some(root) => (format!("/tmp/{name}"), root.join("tmp").join(&name)),
+            None => {
+                let p = dir.path().join(&name);
+                (p.to_string_lossy().into_owned(), p)
+            }
+        };
+        let Some(run) = start(&py, &script, &[&dump_inside]) else {
+            continue;
+        };
+        let pid = run.child.id();
+        let target = target_of(pid).unwrap_or_else(|e| panic!("{}: {e}", py.label));
+        let threads = settled(pid, &target);
+        // SAFETY: kill has no memory preconditions; pid is our child.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut text = String::new();
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = std::fs::read_to_string(&dump_host).unwrap_or_default();
+            if !now.is_empty() && now == text {
+                break;
+            }
+            text = now;
+        }
+        let _ = std::fs::remove_file(&dump_host);
+        let fh = parse_faulthandler(&text);
+        assert_eq!(fh.len(), threads.len(), "{}: {text}", py.label);
+        for (id, fh_frames) in &fh {
+            let t = threads
+                .iter()
+                .find(|t| t.pthread_id == Some(*id))
+                .unwrap_or_else(|| panic!("{}: no thread {id:#x}", py.label));
+            let ours: Vec<String> = t
+                .frames
+                .iter()
+                .take(FAULTHANDLER_MAX_FRAMES)
+                .map(|f| {
+                    let line = f.line.map_or("???".to_string(), |l| l.to_string());
+                    format!(
+                        "File \"{}\", line {line} in {}",
+                        faulthandler_escape(&f.file),
+                        faulthandler_escape(&f.function)
+                    )
+                })
+                .collect();
+            // 3.14 and 3.15's faulthandler stops at the frame below the
+            // `_Py_InitCleanup` shim ("<invalid frame>"); we read on.
+            assert!(!fh_frames.is_empty(), "{}: {text}", py.label);
+            assert_eq!(
+                &ours[..fh_frames.len()],
+                &fh_frames[..],
+                "{}: thread {id:#x}",
+                py.label
+            );
+        }
+        tested.push(py.label.clone());
+    }
+    println!("matched faulthandler: {tested:?}");
+    assert!(!tested.is_empty(), "no interpreter found to test");
 }

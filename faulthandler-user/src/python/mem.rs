@@ -64,7 +64,7 @@ const MAX_ADDR: u64 = 1 << 47;
 
 /// Whether `addr` may point at a Python object: in user space, 8-aligned.
 pub(crate) fn plausible(addr: u64) -> bool {
-    (MIN_ADDR..MAX_ADDR).contains(&addr) && addr % 8 == 0
+    (MIN_ADDR..MAX_ADDR).contains(&addr) && addr.is_multiple_of(8)
 }
 
 /// Checks `addr` with `plausible`, naming it in the error.

@@ -32,11 +32,11 @@
 //!    `co_name`, `co_qualname` (3.11+), `co_filename`, `co_linetable` /
 //!    `co_lnotab`, `co_code` (3.8–3.10), and the i32 `co_firstlineno`.
 //! 5. Per string `s` (name, qualname, filename): one read of
-//!    `L.unicode_compact_data` bytes gives `length` (i64) at
-//!    `L.unicode_length` and the u32 `state` at `L.unicode_state` (kind =
-//!    bits 2–4, compact = bit 5, ascii = bit 6); the characters
-//!    (`length * kind` bytes) follow at `L.unicode_ascii_data` (ascii) or
-//!    `L.unicode_compact_data`.
+//!    `L.unicode_ascii_data` bytes (the PyASCIIObject header) gives
+//!    `length` (i64) at `L.unicode_length` and the u32 `state` at
+//!    `L.unicode_state` (kind = bits 2–4, compact = bit 5, ascii = bit 6;
+//!    not compact = refused); the characters (`length * kind` bytes) follow
+//!    at `s + L.unicode_ascii_data` (ascii) or `s + L.unicode_compact_data`.
 //! 6. Per line table `b`: one read of `L.bytes_data` bytes gives the i64
 //!    size at `L.bytes_size`; the table follows at `b + L.bytes_data`.
 //! 7. The instruction: 3.11+ `instr` is its address and its byte offset is
