@@ -285,7 +285,10 @@ fn python_root(apt: &mut Apt) -> Result<()> {
         eprintln!("setup: python 3.13-3.15 chroot ... ok ({root_s})");
         return Ok(());
     }
-    eprintln!("setup: python 3.13-3.15 chroot ... missing {} ({root_s})", missing.join(", "));
+    eprintln!(
+        "setup: python 3.13-3.15 chroot ... missing {} ({root_s})",
+        missing.join(", ")
+    );
     if !is_debian() || !is_root() {
         bail!(
             "the Python 3.13-3.15 test interpreters are missing; as root on Debian run:\n    \
@@ -302,21 +305,37 @@ fn python_root(apt: &mut Apt) -> Result<()> {
         std::fs::create_dir_all(&root)?;
         let mut boot = cmd("debootstrap");
         boot.args(["--variant=minbase", "sid", root_s.as_str()]);
-        eprintln!("setup: creating a Debian sid chroot (~100 MB): {}", display(&boot));
+        eprintln!(
+            "setup: creating a Debian sid chroot (~100 MB): {}",
+            display(&boot)
+        );
         run(&mut boot)?;
     }
     let mut update = cmd("chroot");
-    update.args([root_s.as_str(), "apt-get", "-o", APT_NO_VALID_UNTIL, "update"]);
+    update.args([
+        root_s.as_str(),
+        "apt-get",
+        "-o",
+        APT_NO_VALID_UNTIL,
+        "update",
+    ]);
     eprintln!("setup: {}", display(&update));
     run(&mut update)?;
     let mut install = cmd("chroot");
     install
-        .args([root_s.as_str(), "apt-get", "-o", APT_NO_VALID_UNTIL, "install", "-y"])
+        .args([
+            root_s.as_str(),
+            "apt-get",
+            "-o",
+            APT_NO_VALID_UNTIL,
+            "install",
+            "-y",
+        ])
         .arg("--no-install-recommends")
         .args(PYROOT_PACKAGES)
         .env("DEBIAN_FRONTEND", "noninteractive");
     eprintln!(
-        "setup: installing CPython 3.13-3.15 and their debug info in the chroot (~300 MB): {}",
+        "setup: installing CPython 3.13-3.15 and their debug info in the chroot (~300 MB to download, ~1 GB on disk): {}",
         display(&install)
     );
     run(&mut install)?;
@@ -380,8 +399,13 @@ fn python_tools() -> Result<()> {
         }
     }
     let mut pip = cmd(&venv.join("bin/pip").to_string_lossy());
-    pip.args(["install", "--disable-pip-version-check"]).args(&packages);
-    eprintln!("setup: installing {}: {}", packages.join(", "), display(&pip));
+    pip.args(["install", "--disable-pip-version-check"])
+        .args(&packages);
+    eprintln!(
+        "setup: installing {}: {}",
+        packages.join(", "),
+        display(&pip)
+    );
     run(&mut pip)?;
     for (program, _) in missing {
         let link = Path::new("/usr/local/bin").join(program);

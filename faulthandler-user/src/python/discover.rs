@@ -11,6 +11,7 @@ use object::read::elf::{ElfFile64, ProgramHeader as _};
 use object::{Endianness, Object as _, ObjectSection as _, ObjectSymbol as _, ReadCache, ReadRef};
 
 use super::PyError;
+use super::debug_offsets;
 use super::layout::{self, PyLayout};
 use crate::modules::Module;
 
@@ -137,13 +138,16 @@ fn probe(m: MappedElf<'_>) -> Result<Option<PyTarget>, PyError> {
 
     // `_Py_DebugOffsets` starts `_PyRuntime` on 3.13+; its cookie is
     // checked before anything else is believed.
-    let head = read(runtime_vaddr, layout::DEBUG_FREE_THREADED_AT + 8);
+    let head = read(runtime_vaddr, debug_offsets::DEBUG_FREE_THREADED_AT + 8);
     let debug = head.as_deref().and_then(|h| {
-        if !h.starts_with(layout::DEBUG_COOKIE) {
+        if !h.starts_with(debug_offsets::DEBUG_COOKIE) {
             return None;
         }
         let at = |o: usize| h.get(o..o + 8)?.try_into().ok().map(u64::from_le_bytes);
-        Some((at(layout::DEBUG_VERSION_AT)?, at(layout::DEBUG_FREE_THREADED_AT)?))
+        Some((
+            at(debug_offsets::DEBUG_VERSION_AT)?,
+            at(debug_offsets::DEBUG_FREE_THREADED_AT)?,
+        ))
     });
     let py_version = syms
         .py_version
@@ -162,15 +166,17 @@ fn probe(m: MappedElf<'_>) -> Result<Option<PyTarget>, PyError> {
         Some(l) => l,
         None => {
             let Some((_, free_threaded)) = debug else {
-                return Err(debug_err("no \"xdebugpy\" cookie at the start of _PyRuntime"));
+                return Err(debug_err(
+                    "no \"xdebugpy\" cookie at the start of _PyRuntime",
+                ));
             };
             if free_threaded != 0 {
                 return Err(PyError::FreeThreaded { major, minor });
             }
-            let size = layout::debug_offsets_size(minor)
+            let size = debug_offsets::debug_offsets_size(minor)
                 .ok_or(PyError::UnsupportedVersion { major, minor })?;
             let raw = read(runtime_vaddr, size).ok_or_else(|| debug_err("not in the file"))?;
-            layout::from_debug_offsets(minor, &raw).map_err(|e| debug_err(&e))?
+            debug_offsets::from_debug_offsets(minor, &raw).map_err(|e| debug_err(&e))?
         }
     };
     Ok(Some(PyTarget {
@@ -348,18 +354,45 @@ mod tests {
     #[test]
     fn bias_of_pie_and_non_pie() {
         let loads = [
-            Load { vaddr: 0, offset: 0, filesz: 0x1000, memsz: 0x1000, exec: false },
-            Load { vaddr: 0x1000, offset: 0x1000, filesz: 0x5000, memsz: 0x5000, exec: true },
+            Load {
+                vaddr: 0,
+                offset: 0,
+                filesz: 0x1000,
+                memsz: 0x1000,
+                exec: false,
+            },
+            Load {
+                vaddr: 0x1000,
+                offset: 0x1000,
+                filesz: 0x5000,
+                memsz: 0x5000,
+                exec: true,
+            },
         ];
-        assert_eq!(load_bias(&loads, 0x7f00_0000_1000, 0x1000), Some(0x7f00_0000_0000));
-        let exec = [Load { vaddr: 0x401000, offset: 0x1000, filesz: 0x5000, memsz: 0x5000, exec: true }];
+        assert_eq!(
+            load_bias(&loads, 0x7f00_0000_1000, 0x1000),
+            Some(0x7f00_0000_0000)
+        );
+        let exec = [Load {
+            vaddr: 0x401000,
+            offset: 0x1000,
+            filesz: 0x5000,
+            memsz: 0x5000,
+            exec: true,
+        }];
         assert_eq!(load_bias(&exec, 0x401000, 0x1000), Some(0));
         assert_eq!(load_bias(&exec, 0x401000, 0x9000), None);
     }
 
     #[test]
     fn bss_reads_as_zeros() {
-        let loads = [Load { vaddr: 0x1000, offset: 0, filesz: 4, memsz: 0x100, exec: false }];
+        let loads = [Load {
+            vaddr: 0x1000,
+            offset: 0,
+            filesz: 4,
+            memsz: 0x100,
+            exec: false,
+        }];
         let data: &[u8] = &[1, 2, 3, 4];
         assert_eq!(file_bytes(data, &loads, 0x1002, 4), Some(vec![3, 4, 0, 0]));
         assert_eq!(file_bytes(data, &loads, 0x10fe, 4), None);

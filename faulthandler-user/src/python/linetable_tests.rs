@@ -21,7 +21,13 @@ fn parse(line: &str) -> Fixture {
             .collect(),
         lines: f[3]
             .split(',')
-            .map(|l| if l == "-" { None } else { Some(l.parse().unwrap()) })
+            .map(|l| {
+                if l == "-" {
+                    None
+                } else {
+                    Some(l.parse().unwrap())
+                }
+            })
             .collect(),
     }
 }
@@ -40,7 +46,8 @@ fn check(fx: &Fixture) {
     for (unit, want) in fx.lines.iter().enumerate() {
         let got = line_for(kind, &fx.table, fx.firstlineno, 2 * unit as i64);
         assert_eq!(
-            got, *want,
+            got,
+            *want,
             "python {}: code unit {unit} (byte offset {})",
             fx.version,
             2 * unit
@@ -70,7 +77,10 @@ fn recorded_tables_match_the_interpreters() {
 /// checked without re-recording.
 #[test]
 fn tables_built_now_match_the_interpreters() {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/src/python/testdata/linetable_fixture.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/python/testdata/linetable_fixture.py"
+    );
     let mut ran = 0;
     for py in crate::python::live_tests::interpreters() {
         let Some(mut cmd) = py.command_with_file(script) else {
@@ -117,6 +127,17 @@ fn garbage_tables_never_panic() {
         }
     }
     // A varint that never ends.
-    let endless = [0x80 | (14 << 3), 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f];
+    let endless = [
+        0x80 | (14 << 3),
+        0x7f,
+        0x7f,
+        0x7f,
+        0x7f,
+        0x7f,
+        0x7f,
+        0x7f,
+        0x7f,
+        0x7f,
+    ];
     assert_eq!(line_for(LineTableKind::Locations, &endless, 1, 0), None);
 }

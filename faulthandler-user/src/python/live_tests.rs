@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::discover::{MappedElf, PyTarget, discover};
-use super::walk::{PyThread, walk};
 use super::PyError;
+use super::discover::{MappedElf, PyTarget, discover};
 use super::mem::ProcMem;
+use super::walk::{PyThread, walk};
 use crate::procs::Tracker;
 
 pub(crate) const DEFAULT_PYROOT: &str = "/var/cache/rfh-trace/pyroot-sid";
@@ -53,14 +53,18 @@ impl Interp {
     }
 
     /// Where `script` is seen by the target, copying it into the chroot.
-    fn place(&self, script: &Path) -> Option<String> {
+    pub(crate) fn place(&self, script: &Path) -> Option<String> {
         let Some(root) = &self.root else {
             return Some(script.to_string_lossy().into_owned());
         };
         let name = script.file_name()?.to_string_lossy().into_owned();
         let inside = format!("/tmp/rfh-trace-test-{}-{name}", std::process::id());
         if let Err(e) = std::fs::copy(script, root.join(inside.trim_start_matches('/'))) {
-            println!("skip {}: cannot copy {} into the chroot: {e}", self.label, script.display());
+            println!(
+                "skip {}: cannot copy {} into the chroot: {e}",
+                self.label,
+                script.display()
+            );
             return None;
         }
         Some(inside)
@@ -200,8 +204,8 @@ fn line_of(mark: &str) -> u32 {
 }
 
 /// A running interpreter, killed on drop.
-struct Running {
-    child: Child,
+pub(super) struct Running {
+    pub child: Child,
 }
 
 impl Drop for Running {
@@ -211,7 +215,7 @@ impl Drop for Running {
     }
 }
 
-fn start(py: &Interp, script: &str, args: &[&str]) -> Option<Running> {
+pub(super) fn start(py: &Interp, script: &str, args: &[&str]) -> Option<Running> {
     let mut cmd = py.command_with_file(script)?;
     let mut child = cmd
         .args(args)
@@ -229,7 +233,7 @@ fn start(py: &Interp, script: &str, args: &[&str]) -> Option<Running> {
 
 /// The interpreter's pid: for a chroot interpreter our child is `chroot`,
 /// which execs the interpreter in place (same pid).
-fn target_of(pid: u32) -> Result<PyTarget, PyError> {
+pub(super) fn target_of(pid: u32) -> Result<PyTarget, PyError> {
     let mut tracker = Tracker::default();
     // Right after spawn the child may still be inside execve, its new
     // mappings not there yet.
@@ -242,7 +246,7 @@ fn target_of(pid: u32) -> Result<PyTarget, PyError> {
     discover(info.modules.iter().map(MappedElf::from))
 }
 
-fn script_file(dir: &Path) -> String {
+pub(super) fn script_file(dir: &Path) -> String {
     // A non-ASCII file name: the filename string is not compact ASCII.
     let path = dir.join("blocked_é.py");
     std::fs::write(&path, SCRIPT).unwrap();
@@ -252,7 +256,7 @@ fn script_file(dir: &Path) -> String {
 /// Reads the threads until the three are where the script blocks them
 /// (they get there on their own time), at most 10 s; then once more a bit
 /// later, when they are surely asleep.
-fn settled(pid: u32, target: &PyTarget) -> Vec<PyThread> {
+pub(super) fn settled(pid: u32, target: &PyTarget) -> Vec<PyThread> {
     let mem = ProcMem::new(pid);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -260,9 +264,11 @@ fn settled(pid: u32, target: &PyTarget) -> Vec<PyThread> {
         assert!(w.error.is_none(), "{w:?}");
         let threads = w.threads;
         let at = |name: &str, line: u32| {
-            threads
-                .iter()
-                .any(|t| t.frames.iter().any(|f| f.function == name && f.line == Some(line)))
+            threads.iter().any(|t| {
+                t.frames
+                    .iter()
+                    .any(|f| f.function == name && f.line == Some(line))
+            })
         };
         let main_blocked = threads.iter().any(|t| {
             t.frames
@@ -317,7 +323,11 @@ fn check(py: &Interp, pid: u32, target: &PyTarget, script: &str, threads: &[PyTh
     assert_eq!(got, want, "{label}: main thread");
     if py.minor >= 11 {
         assert_eq!(main.native_tid, Some(pid), "{label}: main thread's tid");
-        let quals: Vec<_> = main.frames.iter().map(|f| f.qualified_name.as_deref()).collect();
+        let quals: Vec<_> = main
+            .frames
+            .iter()
+            .map(|f| f.qualified_name.as_deref())
+            .collect();
         let mut want = vec!["inner", "Blocker.__init__", "middle", "outer", "<module>"];
         if py.minor >= 13 {
             want.insert(2, "__init__");
@@ -338,14 +348,21 @@ fn check(py: &Interp, pid: u32, target: &PyTarget, script: &str, threads: &[PyTh
     let recs: Vec<_> = deep.frames.iter().filter(|f| f.function == "rec").collect();
     assert_eq!(recs.len(), 200, "{label}: recursion depth");
     assert_eq!(recs[0].line, Some(line_of("wait")), "{label}");
-    assert!(recs[1..].iter().all(|f| f.line == Some(line_of("rec"))), "{label}");
+    assert!(
+        recs[1..].iter().all(|f| f.line == Some(line_of("rec"))),
+        "{label}"
+    );
     // One code object, read once, for all of them.
     assert!(recs.iter().all(|f| f.code_addr == recs[0].code_addr));
     assert!(deep.frames.iter().any(|f| f.file.ends_with("threading.py")));
 
     // A generator with a latin-1 name called from a UCS-2-named function.
     let gen_thread = thread_with(threads, "gén");
-    let names: Vec<_> = gen_thread.frames.iter().map(|f| f.function.as_str()).collect();
+    let names: Vec<_> = gen_thread
+        .frames
+        .iter()
+        .map(|f| f.function.as_str())
+        .collect();
     let g = names.iter().position(|n| *n == "gén").unwrap();
     assert_eq!(names.get(g + 1), Some(&"函数"), "{label}: {names:?}");
     assert_eq!(gen_thread.frames[g].line, Some(line_of("yield")));
@@ -362,76 +379,12 @@ fn check(py: &Interp, pid: u32, target: &PyTarget, script: &str, threads: &[PyTh
         }
     }
     for t in threads {
-        assert!(t.frames.last().unwrap().is_entry, "{label}: oldest frame is an entry");
-    }
-    check_entries_against_native(py, pid, threads);
-}
-
-/// The merge rule's premise: each thread has as many entry frames as its
-/// native stack has `_PyEval_EvalFrameDefault` frames. Checked with
-/// eu-stack (which stops the target: fine in a test).
-fn check_entries_against_native(py: &Interp, pid: u32, threads: &[PyThread]) {
-    let mut cmd = Command::new("eu-stack");
-    if let Some(root) = &py.root {
-        cmd.arg(format!("--debuginfo-path={}", root.join("usr/lib/debug").display()));
-    }
-    let out = match cmd.args(["-n", "0", "-p", &pid.to_string()]).output() {
-        Ok(o) => o,
-        Err(e) => {
-            println!("skip {}: native cross-check: no eu-stack: {e}", py.label);
-            return;
-        }
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut stacks: Vec<(u32, Vec<String>)> = Vec::new();
-    for line in text.lines() {
-        if let Some(tid) = line.strip_prefix("TID ") {
-            let tid = tid.trim_end_matches(':').parse().unwrap_or(0);
-            stacks.push((tid, Vec::new()));
-        } else if let (Some(last), Some(rest)) = (stacks.last_mut(), line.strip_prefix('#')) {
-            let name = rest.split_whitespace().nth(2).unwrap_or("").to_string();
-            last.1.push(name);
-        }
-    }
-    let eval = |n: &String| super::merge::is_eval_frame(n);
-    let evals_of = |s: &Vec<String>| s.iter().filter(|n| eval(n)).count();
-    // 3.8–3.10 threads carry no tid: compare the counts as multisets.
-    let mut native_counts: Vec<usize> = stacks
-        .iter()
-        .map(|(_, s)| evals_of(s))
-        .filter(|&n| n > 0)
-        .collect();
-    let mut python_counts: Vec<usize> = threads
-        .iter()
-        .map(|t| t.frames.iter().filter(|f| f.is_entry).count())
-        .collect();
-    native_counts.sort_unstable();
-    python_counts.sort_unstable();
-    let unnamed = stacks.iter().any(|(_, s)| s.iter().any(|n| n.is_empty()));
-    if native_counts != python_counts && unnamed {
-        // Without symbols for every frame (e.g. `_PyEval_EvalFrameDefault.cold`
-        // of a stripped build without its debug package) eu-stack cannot count.
-        println!(
-            "skip {}: native cross-check: eu-stack left frames unnamed: {native_counts:?} vs {python_counts:?}",
-            py.label
+        assert!(
+            t.frames.last().unwrap().is_entry,
+            "{label}: oldest frame is an entry"
         );
-        return;
     }
-    assert_eq!(
-        native_counts, python_counts,
-        "{}: eval frames per native stack vs entry frames per Python thread: {stacks:?}",
-        py.label
-    );
-    for t in threads {
-        let Some(tid) = t.native_tid else { continue };
-        let (_, s) = stacks
-            .iter()
-            .find(|(id, _)| *id == tid)
-            .unwrap_or_else(|| panic!("{}: no native stack for tid {tid}", py.label));
-        let entries = t.frames.iter().filter(|f| f.is_entry).count();
-        assert_eq!(evals_of(s), entries, "{}: thread {tid}: {s:?}", py.label);
-    }
-    println!("{}: native cross-check ok: eval frames per thread {native_counts:?}", py.label);
+    super::crosscheck_tests::check_entries_against_native(py, pid, threads);
 }
 
 #[test]
@@ -450,6 +403,19 @@ fn walks_every_interpreter() {
         let pid = run.child.id();
         let target = target_of(pid).unwrap_or_else(|e| panic!("{}: {e}", py.label));
         let threads = settled(pid, &target);
+        // Indicative only: the machine is shared.
+        let t0 = Instant::now();
+        let found = target_of(pid).is_ok();
+        let t1 = Instant::now();
+        let frames: usize = walk(&ProcMem::new(pid), &target)
+            .map(|w| w.threads.iter().map(|t| t.frames.len()).sum())
+            .unwrap_or(0);
+        println!(
+            "{}: discover {:?} (ok: {found}), walk of {frames} frames {:?}",
+            py.label,
+            t1 - t0,
+            t1.elapsed()
+        );
         check(&py, pid, &target, &target_script, &threads);
         tested.push(py.label.clone());
         let mut run = run;
@@ -486,13 +452,18 @@ fn old_versions_are_refused() {
         }
         let program = e.path().join("bin/python3.7");
         let mut child = Command::new(&program)
-            .args(["-c", "import sys; sys.stdout.write('ready\\n'); sys.stdout.flush(); sys.stdin.read()"])
+            .args([
+                "-c",
+                "import sys; sys.stdout.write('ready\\n'); sys.stdout.flush(); sys.stdin.read()",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let r = target_of(child.id());
         let _ = child.kill();
         let _ = child.wait();
@@ -505,110 +476,4 @@ fn old_versions_are_refused() {
     if tried == 0 {
         println!("skip: no pyenv 3.7");
     }
-}
-
-/// faulthandler's rendering of a string (`_Py_DumpASCII`): printable ASCII
-/// as is, anything else as `\xHH`, `\uHHHH` or `\UHHHHHHHH`.
-fn faulthandler_escape(s: &str) -> String {
-    s.chars()
-        .map(|c| match c as u32 {
-            0x20..=0x7e => c.to_string(),
-            n @ 0..=0xff => format!("\\x{n:02x}"),
-            n @ 0x100..=0xffff => format!("\\u{n:04x}"),
-            n => format!("\\U{n:08x}"),
-        })
-        .collect()
-}
-
-/// faulthandler's dump: per thread, its pthread id and its frames as
-/// `  File "F", line N in NAME` lines.
-fn parse_faulthandler(text: &str) -> Vec<(u64, Vec<String>)> {
-    let mut threads: Vec<(u64, Vec<String>)> = Vec::new();
-    for line in text.lines() {
-        let header = line
-            .strip_prefix("Current thread 0x")
-            .or_else(|| line.strip_prefix("Thread 0x"));
-        if let Some(rest) = header {
-            let hex: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
-            threads.push((u64::from_str_radix(&hex, 16).unwrap(), Vec::new()));
-        } else if let (Some(t), Some(frame)) = (threads.last_mut(), line.strip_prefix("  File ")) {
-            t.1.push(format!("File {frame}"));
-        }
-    }
-    threads
-}
-
-/// faulthandler prints at most this many frames per thread.
-const FAULTHANDLER_MAX_FRAMES: usize = 100;
-
-/// Each thread's frames as the target's own faulthandler prints them
-/// (`faulthandler.register(SIGUSR1, all_threads=True)`), up to its 100-frame
-/// limit and its first `<invalid frame>`.
-#[test]
-fn matches_the_targets_faulthandler() {
-    let dir = tempfile::tempdir().unwrap();
-    let script = script_file(dir.path());
-    let mut tested = Vec::new();
-    for py in interpreters() {
-        let name = format!("rfh-trace-test-{}-fh-{}.txt", std::process::id(), py.minor);
-        let (dump_inside, dump_host) = match &py.root {
-            Some(root) => (format!("/tmp/{name}"), root.join("tmp").join(&name)),
-            None => {
-                let p = dir.path().join(&name);
-                (p.to_string_lossy().into_owned(), p)
-            }
-        };
-        let Some(run) = start(&py, &script, &[&dump_inside]) else {
-            continue;
-        };
-        let pid = run.child.id();
-        let target = target_of(pid).unwrap_or_else(|e| panic!("{}: {e}", py.label));
-        let threads = settled(pid, &target);
-        // SAFETY: kill has no memory preconditions; pid is our child.
-        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut text = String::new();
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-            let now = std::fs::read_to_string(&dump_host).unwrap_or_default();
-            if !now.is_empty() && now == text {
-                break;
-            }
-            text = now;
-        }
-        let _ = std::fs::remove_file(&dump_host);
-        let fh = parse_faulthandler(&text);
-        assert_eq!(fh.len(), threads.len(), "{}: {text}", py.label);
-        for (id, fh_frames) in &fh {
-            let t = threads
-                .iter()
-                .find(|t| t.pthread_id == Some(*id))
-                .unwrap_or_else(|| panic!("{}: no thread {id:#x}", py.label));
-            let ours: Vec<String> = t
-                .frames
-                .iter()
-                .take(FAULTHANDLER_MAX_FRAMES)
-                .map(|f| {
-                    let line = f.line.map_or("???".to_string(), |l| l.to_string());
-                    format!(
-                        "File \"{}\", line {line} in {}",
-                        faulthandler_escape(&f.file),
-                        faulthandler_escape(&f.function)
-                    )
-                })
-                .collect();
-            // 3.14 and 3.15's faulthandler stops at the frame below the
-            // `_Py_InitCleanup` shim ("<invalid frame>"); we read on.
-            assert!(!fh_frames.is_empty(), "{}: {text}", py.label);
-            assert_eq!(
-                &ours[..fh_frames.len()],
-                &fh_frames[..],
-                "{}: thread {id:#x}",
-                py.label
-            );
-        }
-        tested.push(py.label.clone());
-    }
-    println!("matched faulthandler: {tested:?}");
-    assert!(!tested.is_empty(), "no interpreter found to test");
 }

@@ -124,7 +124,11 @@ mod tests {
         assert_eq!(buf, data);
         assert!(matches!(
             mem.read(0, &mut buf),
-            Err(PyError::Read { addr: 0, len: 5, .. })
+            Err(PyError::Read {
+                addr: 0,
+                len: 5,
+                ..
+            })
         ));
     }
 

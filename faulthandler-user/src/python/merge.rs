@@ -104,7 +104,10 @@ mod tests {
     use super::*;
 
     /// Python frames as (name, is_entry).
-    fn merged(native: &[&'static str], python: &[(&'static str, bool)]) -> Merged<&'static str, &'static str> {
+    fn merged(
+        native: &[&'static str],
+        python: &[(&'static str, bool)],
+    ) -> Merged<&'static str, &'static str> {
         let entries: Vec<_> = python.iter().filter(|p| p.1).map(|p| p.0).collect();
         merge(
             native.to_vec(),
@@ -127,7 +130,13 @@ mod tests {
     #[test]
     fn one_frame_per_eval_call_before_3_11() {
         let m = merged(
-            &["read", "_PyEval_EvalFrameDefault", "call", "_PyEval_EvalFrameDefault", "main"],
+            &[
+                "read",
+                "_PyEval_EvalFrameDefault",
+                "call",
+                "_PyEval_EvalFrameDefault",
+                "main",
+            ],
             &[("inner", true), ("outer", true)],
         );
         assert_eq!(m.mismatch, None);
@@ -177,7 +186,10 @@ mod tests {
 
     #[test]
     fn disagreeing_counts_are_not_merged() {
-        let m = merged(&["a", "_PyEval_EvalFrameDefault", "main"], &[("f", true), ("g", true)]);
+        let m = merged(
+            &["a", "_PyEval_EvalFrameDefault", "main"],
+            &[("f", true), ("g", true)],
+        );
         assert_eq!(
             m.mismatch,
             Some(Mismatch {
@@ -185,8 +197,16 @@ mod tests {
                 python_calls: 2
             })
         );
-        assert_eq!(names(&m), ["a", "_PyEval_EvalFrameDefault", "main", "py:f", "py:g"]);
-        assert!(m.mismatch.unwrap().to_string().contains("1 eval-loop frames"));
+        assert_eq!(
+            names(&m),
+            ["a", "_PyEval_EvalFrameDefault", "main", "py:f", "py:g"]
+        );
+        assert!(
+            m.mismatch
+                .unwrap()
+                .to_string()
+                .contains("1 eval-loop frames")
+        );
 
         // A walk that stopped before an entry frame.
         let m = merged(&["_PyEval_EvalFrameDefault"], &[("f", true), ("g", false)]);

@@ -5,7 +5,8 @@
 //! - `discover`: from the process's mapped ELF files, find the interpreter,
 //!   `_PyRuntime`, the version and the structure offsets (`PyTarget`);
 //! - `layout`: the offsets themselves (`PyLayout`), from CPython's headers
-//!   for 3.8–3.12 and from the target's own `_Py_DebugOffsets` on 3.13+;
+//!   for 3.8–3.12 and (`debug_offsets`) from the target's own
+//!   `_Py_DebugOffsets` on 3.13+;
 //! - `mem`: the `Memory` trait the walk reads through, and `ProcMem`, a
 //!   live reader that never stops the target;
 //! - `walk`: interpreters → thread states → frames → code objects, bounded
@@ -13,6 +14,7 @@
 //! - `linetable`: instruction offset → line, for each table format;
 //! - `merge`: native frames + Python frames → one stack.
 
+pub(crate) mod debug_offsets;
 pub(crate) mod discover;
 pub(crate) mod layout;
 pub(crate) mod linetable;
@@ -21,10 +23,11 @@ pub(crate) mod merge;
 pub(crate) mod walk;
 
 #[cfg(test)]
+mod crosscheck_tests;
+#[cfg(test)]
 mod live_tests;
 
 use std::io;
-
 
 /// Everything that can go wrong reading Python frames: why a process has
 /// no readable interpreter, or why a walk stopped.

@@ -160,7 +160,10 @@ impl<'a> Walker<'a> {
 
     fn interpreters(&mut self, out: &mut Vec<PyThread>) -> Result<(), PyError> {
         let l = self.layout;
-        let mut interp = read_u64(self.mem, self.runtime.wrapping_add(l.runtime_interpreters_head))?;
+        let mut interp = read_u64(
+            self.mem,
+            self.runtime.wrapping_add(l.runtime_interpreters_head),
+        )?;
         let mut seen = HashSet::new();
         while interp != 0 {
             if seen.len() == MAX_INTERPRETERS {
@@ -225,7 +228,13 @@ impl<'a> Walker<'a> {
         .unwrap_or(0)
             + 8;
         let head = read_vec(self.mem, ts, size as usize)?;
-        let get = |off: u64| if off == ABSENT { None } else { field_u64(&head, off) };
+        let get = |off: u64| {
+            if off == ABSENT {
+                None
+            } else {
+                field_u64(&head, off)
+            }
+        };
         if get(l.tstate_interp) != Some(interp) {
             return Err(PyError::ForeignThread { addr: ts });
         }
@@ -274,7 +283,10 @@ impl<'a> Walker<'a> {
                 break Err(e);
             }
             if !seen.insert(frame) {
-                break Err(PyError::Cycle { what: "frame", addr: frame });
+                break Err(PyError::Cycle {
+                    what: "frame",
+                    addr: frame,
+                });
             }
             let head = match read_vec(self.mem, frame, l.frame_read_size as usize) {
                 Ok(h) => h,
@@ -318,7 +330,11 @@ impl<'a> Walker<'a> {
         let (offset, instr_addr) = match l.instr_kind() {
             kind @ (InstrKind::LastiBytes | InstrKind::LastiUnits) => {
                 let lasti = i64::from(field_i32(head, l.frame_instr).unwrap_or(-1));
-                let offset = if kind == InstrKind::LastiUnits { 2 * lasti } else { lasti };
+                let offset = if kind == InstrKind::LastiUnits {
+                    2 * lasti
+                } else {
+                    lasti
+                };
                 let addr = code
                     .bytecode
                     .filter(|_| offset >= 0)
@@ -336,7 +352,12 @@ impl<'a> Walker<'a> {
             }
         };
         let line = if offset < MAX_CODE_BYTES {
-            line_for(l.linetable_kind(), &code.linetable, code.firstlineno, offset)
+            line_for(
+                l.linetable_kind(),
+                &code.linetable,
+                code.firstlineno,
+                offset,
+            )
         } else {
             None
         };
@@ -372,7 +393,13 @@ impl<'a> Walker<'a> {
         let l = self.layout;
         check_ptr("code object", addr)?;
         let head = read_vec(self.mem, addr, l.code_read_size as usize)?;
-        let ptr = |off: u64| if off == ABSENT { None } else { field_u64(&head, off) };
+        let ptr = |off: u64| {
+            if off == ABSENT {
+                None
+            } else {
+                field_u64(&head, off)
+            }
+        };
         let ob_type = ptr(l.object_type).unwrap_or(0);
         match self.code_type {
             Some(t) if t != ob_type => return Err(PyError::NotCode { addr }),

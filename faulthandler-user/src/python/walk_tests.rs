@@ -94,7 +94,11 @@ fn code(mem: &mut FakeMem, addr: u64, name: &str) {
     ascii(mem, addr + 0x1000, name);
     ascii(mem, addr + 0x2000, "/app/job.py");
     // NO_COLUMNS entries of 4 units: svarint(+1) = 2, svarint(+2) = 4.
-    bytes(mem, addr + 0x3000, &[0x80 | 13 << 3 | 3, 2, 0x80 | 13 << 3 | 3, 4]);
+    bytes(
+        mem,
+        addr + 0x3000,
+        &[0x80 | 13 << 3 | 3, 2, 0x80 | 13 << 3 | 3, 4],
+    );
     mem.obj(
         addr,
         (l.code_adaptive + 16) as usize,
@@ -133,7 +137,11 @@ fn process(first_frame: u64) -> FakeMem {
     let l = static_layout(12).unwrap();
     let mut mem = FakeMem::default();
     mem.obj(RUNTIME, 64, &[(l.runtime_interpreters_head, INTERP)]);
-    mem.obj(INTERP, 1024, &[(l.interp_next, 0), (l.interp_threads_head, TSTATE)]);
+    mem.obj(
+        INTERP,
+        1024,
+        &[(l.interp_next, 0), (l.interp_threads_head, TSTATE)],
+    );
     mem.obj(
         TSTATE,
         256,
@@ -201,7 +209,13 @@ fn a_looping_frame_chain_stops() {
     let w = walk(&mem, &target()).unwrap();
     let t = &w.threads[0];
     assert_eq!(t.frames.len(), 2);
-    assert!(matches!(t.error, Some(PyError::Cycle { what: "frame", addr: 0x40_0000 })));
+    assert!(matches!(
+        t.error,
+        Some(PyError::Cycle {
+            what: "frame",
+            addr: 0x40_0000
+        })
+    ));
 }
 
 #[test]
@@ -215,7 +229,10 @@ fn a_too_long_frame_chain_stops_at_the_limit() {
     let w = walk(&mem, &target()).unwrap();
     let t = &w.threads[0];
     assert_eq!(t.frames.len(), MAX_FRAMES);
-    assert!(matches!(t.error, Some(PyError::TooMany { what: "frames", .. })));
+    assert!(matches!(
+        t.error,
+        Some(PyError::TooMany { what: "frames", .. })
+    ));
 }
 
 #[test]
@@ -252,11 +269,21 @@ fn a_looping_thread_list_is_reported() {
     mem.obj(
         TSTATE,
         256,
-        &[(l.tstate_next, TSTATE), (l.tstate_interp, INTERP), (l.tstate_frame, 0)],
+        &[
+            (l.tstate_next, TSTATE),
+            (l.tstate_interp, INTERP),
+            (l.tstate_frame, 0),
+        ],
     );
     let w = walk(&mem, &target()).unwrap();
     assert_eq!(w.threads.len(), 1);
-    assert!(matches!(w.error, Some(PyError::Cycle { what: "thread state", .. })));
+    assert!(matches!(
+        w.error,
+        Some(PyError::Cycle {
+            what: "thread state",
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -264,7 +291,10 @@ fn a_thread_of_another_interpreter_ends_the_list() {
     let l = static_layout(12).unwrap();
     let mut mem = process(0);
     mem.obj(TSTATE, 256, &[(l.tstate_interp, INTERP + 8)]);
-    assert!(matches!(walk(&mem, &target()), Err(PyError::ForeignThread { .. })));
+    assert!(matches!(
+        walk(&mem, &target()),
+        Err(PyError::ForeignThread { .. })
+    ));
 }
 
 /// Random bytes wherever read: each read of the same address gives the
