@@ -4,7 +4,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::live_tests::{Interp, interpreters, script_file, settled, start, target_of};
+use super::live_tests::{
+    Interp, interpreters, remove_chroot_copies, script_file, settled, start, target_of,
+};
 use super::walk::PyThread;
 
 /// The merge rule's premise: each thread has as many entry frames as its
@@ -120,9 +122,10 @@ const FAULTHANDLER_MAX_FRAMES: usize = 100;
 #[test]
 fn matches_the_targets_faulthandler() {
     let dir = tempfile::tempdir().unwrap();
-    let script = script_file(dir.path());
+    let script = script_file(dir.path(), "dumped_é.py");
     let mut tested = Vec::new();
-    for py in interpreters() {
+    let interps = interpreters();
+    for py in &interps {
         let name = format!("rfh-trace-test-{}-fh-{}.txt", std::process::id(), py.minor);
         let (dump_inside, dump_host) = match &py.root {
             Some(root) => (format!("/tmp/{name}"), root.join("tmp").join(&name)),
@@ -182,6 +185,7 @@ fn matches_the_targets_faulthandler() {
         }
         tested.push(py.label.clone());
     }
+    remove_chroot_copies(&interps, &script);
     println!("matched faulthandler: {tested:?}");
     assert!(!tested.is_empty(), "no interpreter found to test");
 }

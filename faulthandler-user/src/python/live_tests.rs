@@ -71,6 +71,21 @@ impl Interp {
     }
 }
 
+/// Removes the copies of `script` that `Interp::place` put into chroots.
+pub(crate) fn remove_chroot_copies(interps: &[Interp], script: &str) {
+    let Some(name) = Path::new(script).file_name() else {
+        return;
+    };
+    let copy = format!(
+        "tmp/rfh-trace-test-{}-{}",
+        std::process::id(),
+        name.to_string_lossy()
+    );
+    for root in interps.iter().filter_map(|i| i.root.as_ref()) {
+        let _ = std::fs::remove_file(root.join(&copy));
+    }
+}
+
 /// Every interpreter found, printing why each expected one is missing.
 pub(crate) fn interpreters() -> Vec<Interp> {
     let mut found = Vec::new();
@@ -246,9 +261,10 @@ pub(super) fn target_of(pid: u32) -> Result<PyTarget, PyError> {
     discover(info.modules.iter().map(MappedElf::from))
 }
 
-pub(super) fn script_file(dir: &Path) -> String {
-    // A non-ASCII file name: the filename string is not compact ASCII.
-    let path = dir.join("blocked_é.py");
+/// Writes the script as `dir/name` (tests running at once each use their
+/// own name: their chroot copies must not collide).
+pub(super) fn script_file(dir: &Path, name: &str) -> String {
+    let path = dir.join(name);
     std::fs::write(&path, SCRIPT).unwrap();
     path.to_string_lossy().into_owned()
 }
@@ -390,9 +406,11 @@ fn check(py: &Interp, pid: u32, target: &PyTarget, script: &str, threads: &[PyTh
 #[test]
 fn walks_every_interpreter() {
     let dir = tempfile::tempdir().unwrap();
-    let script = script_file(dir.path());
+    // A non-ASCII file name: the filename string is not compact ASCII.
+    let script = script_file(dir.path(), "blocked_é.py");
     let mut tested = Vec::new();
-    for py in interpreters() {
+    let interps = interpreters();
+    for py in &interps {
         let target_script = match py.place(Path::new(&script)) {
             Some(p) => p,
             None => continue,
@@ -421,6 +439,7 @@ fn walks_every_interpreter() {
         let mut run = run;
         let _ = run.child.stdin.take().map(|mut s| s.write_all(b"x"));
     }
+    remove_chroot_copies(&interps, &script);
     println!("walked: {tested:?}");
     assert!(!tested.is_empty(), "no interpreter found to test");
 }
