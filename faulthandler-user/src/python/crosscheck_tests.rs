@@ -134,7 +134,7 @@ fn matches_the_targets_faulthandler() {
                 (p.to_string_lossy().into_owned(), p)
             }
         };
-        let Some(run) = start(&py, &script, &[&dump_inside]) else {
+        let Some(run) = start(py, &script, &[&dump_inside]) else {
             continue;
         };
         let pid = run.child.id();

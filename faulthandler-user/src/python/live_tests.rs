@@ -415,7 +415,7 @@ fn walks_every_interpreter() {
             Some(p) => p,
             None => continue,
         };
-        let Some(run) = start(&py, &script, &[]) else {
+        let Some(run) = start(py, &script, &[]) else {
             continue;
         };
         let pid = run.child.id();
@@ -434,7 +434,7 @@ fn walks_every_interpreter() {
             t1 - t0,
             t1.elapsed()
         );
-        check(&py, pid, &target, &target_script, &threads);
+        check(py, pid, &target, &target_script, &threads);
         tested.push(py.label.clone());
         let mut run = run;
         let _ = run.child.stdin.take().map(|mut s| s.write_all(b"x"));
