@@ -27,7 +27,8 @@ enum Task {
     /// Check for and install the build prerequisites (nightly, rust-src, bpf-linker).
     Setup {
         /// Also install the tools the tests and benchmarks use
-        /// (cc, c++, gdb, eu-stack, bpftool, libc6-dbg).
+        /// (cc, c++, gdb, eu-stack, bpftool, libc6-dbg, py-spy, pystack, and a
+        /// Debian sid chroot with CPython 3.13-3.15).
         #[arg(long)]
         with_test_tools: bool,
     },

@@ -92,6 +92,8 @@ pub fn setup(with_test_tools: bool) -> Result<()> {
     bpf_linker(&mut apt)?;
     if with_test_tools {
         test_tools(&mut apt)?;
+        python_root(&mut apt)?;
+        python_tools()?;
     }
     eprintln!("setup: done");
     Ok(())
@@ -235,6 +237,184 @@ fn test_tools(apt: &mut Apt) -> Result<()> {
     }
     if !libc_debug_present() {
         bail!("package {LIBC_DEBUG} is still missing after installing it");
+    }
+    Ok(())
+}
+
+/// The Debian sid chroot holding the CPython builds the host lacks (3.13
+/// to 3.15, as Debian builds them: static, non-PIE). The Python tests read
+/// `RFH_TRACE_PYROOT`, else this path.
+const PYROOT: &str = "/var/cache/rfh-trace/pyroot-sid";
+
+/// What the chroot gets: the interpreters, and their -dbg packages, whose
+/// debug info names the eval loop's split-off parts
+/// (`_PyEval_EvalFrameDefault.cold`) for the tests' native cross-checks.
+const PYROOT_PACKAGES: &[&str] = &[
+    "python3.13",
+    "python3.14",
+    "python3.15",
+    "python3.13-dbg",
+    "python3.14-dbg",
+    "python3.15-dbg",
+];
+
+/// The sid mirror's Release file may be past its Valid-Until date.
+const APT_NO_VALID_UNTIL: &str = "Acquire::Check-Valid-Until=false";
+
+fn pyroot_path() -> std::path::PathBuf {
+    std::env::var_os("RFH_TRACE_PYROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| PYROOT.into())
+}
+
+/// Creates the sid chroot with `PYROOT_PACKAGES` when missing.
+fn python_root(apt: &mut Apt) -> Result<()> {
+    let root = pyroot_path();
+    let root_s = root.to_string_lossy().into_owned();
+    let installed = |p: &str| {
+        root.join("usr/bin/dpkg-query").exists()
+            && output(cmd("chroot").args([root_s.as_str(), "dpkg-query", "-W", "-f=${Status}", p]))
+                .is_ok_and(|s| s.contains("install ok installed"))
+    };
+    let missing: Vec<&str> = PYROOT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        eprintln!("setup: python 3.13-3.15 chroot ... ok ({root_s})");
+        return Ok(());
+    }
+    eprintln!(
+        "setup: python 3.13-3.15 chroot ... missing {} ({root_s})",
+        missing.join(", ")
+    );
+    if !is_debian() || !is_root() {
+        bail!(
+            "the Python 3.13-3.15 test interpreters are missing; as root on Debian run:\n    \
+             debootstrap --variant=minbase sid {root_s}\n    \
+             chroot {root_s} apt-get -o {APT_NO_VALID_UNTIL} update\n    \
+             chroot {root_s} apt-get -o {APT_NO_VALID_UNTIL} install -y --no-install-recommends {}",
+            PYROOT_PACKAGES.join(" ")
+        );
+    }
+    if !root.join("usr/bin/apt-get").exists() {
+        if find_program("debootstrap").is_none() {
+            apt.install("debootstrap", &["debootstrap".to_string()])?;
+        }
+        std::fs::create_dir_all(&root)?;
+        let mut boot = cmd("debootstrap");
+        boot.args(["--variant=minbase", "sid", root_s.as_str()]);
+        eprintln!(
+            "setup: creating a Debian sid chroot (~100 MB): {}",
+            display(&boot)
+        );
+        run(&mut boot)?;
+    }
+    let mut update = cmd("chroot");
+    update.args([
+        root_s.as_str(),
+        "apt-get",
+        "-o",
+        APT_NO_VALID_UNTIL,
+        "update",
+    ]);
+    eprintln!("setup: {}", display(&update));
+    run(&mut update)?;
+    let mut install = cmd("chroot");
+    install
+        .args([
+            root_s.as_str(),
+            "apt-get",
+            "-o",
+            APT_NO_VALID_UNTIL,
+            "install",
+            "-y",
+        ])
+        .arg("--no-install-recommends")
+        .args(PYROOT_PACKAGES)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    eprintln!(
+        "setup: installing CPython 3.13-3.15 and their debug info in the chroot (~300 MB to download, ~1 GB on disk): {}",
+        display(&install)
+    );
+    run(&mut install)?;
+    // The downloaded .debs are not needed any more.
+    let _ = run(cmd("chroot").args([root_s.as_str(), "apt-get", "clean"]));
+    if let Some(p) = PYROOT_PACKAGES.iter().find(|p| !installed(p)) {
+        bail!("{p} is still missing from {root_s} after installing it");
+    }
+    Ok(())
+}
+
+/// A virtualenv for the Python tools the tests compare against (Debian's
+/// system Python refuses `pip install` outside one).
+const PY_TOOLS_VENV: &str = "/var/cache/rfh-trace/pytools";
+
+/// (program, PyPI package) the tests and benchmarks compare against.
+const PIP_TOOLS: &[(&str, &str)] = &[("py-spy", "py-spy"), ("pystack", "pystack")];
+
+/// Installs py-spy and pystack into `PY_TOOLS_VENV`, linked into
+/// /usr/local/bin, when missing from `PATH`.
+fn python_tools() -> Result<()> {
+    let missing: Vec<(&str, &str)> = PIP_TOOLS
+        .iter()
+        .copied()
+        .filter(|(program, _)| match find_program(program) {
+            Some(path) => {
+                eprintln!("setup: {program} ... ok ({})", path.display());
+                false
+            }
+            None => {
+                eprintln!("setup: {program} ... missing");
+                true
+            }
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+    if !is_root() {
+        bail!(
+            "{} missing; run as root `cargo xtask setup --with-test-tools`, or `pip install {}`",
+            packages.join(", "),
+            packages.join(" ")
+        );
+    }
+    let venv = Path::new(PY_TOOLS_VENV);
+    if !venv.join("bin/pip").exists() {
+        // The system interpreter: pyenv's shims may come first on PATH.
+        let python = ["/usr/bin/python3", "python3"]
+            .into_iter()
+            .find(|p| Path::new(p).exists() || find_program(p).is_some())
+            .unwrap_or("python3");
+        let mut create = cmd(python);
+        create.args(["-m", "venv", PY_TOOLS_VENV]);
+        eprintln!("setup: {}", display(&create));
+        if run(&mut create).is_err() && is_debian() {
+            // Debian splits venv (and its bundled pip) out of python3.
+            Apt::default().install("python3-venv", &["python3-venv".to_string()])?;
+            run(&mut create)?;
+        }
+    }
+    let mut pip = cmd(&venv.join("bin/pip").to_string_lossy());
+    pip.args(["install", "--disable-pip-version-check"])
+        .args(&packages);
+    eprintln!(
+        "setup: installing {}: {}",
+        packages.join(", "),
+        display(&pip)
+    );
+    run(&mut pip)?;
+    for (program, _) in missing {
+        let link = Path::new("/usr/local/bin").join(program);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(venv.join("bin").join(program), &link)?;
+        match find_program(program) {
+            Some(path) => eprintln!("setup: {program} ... ok ({})", path.display()),
+            None => bail!("{program} is still missing after installing it"),
+        }
     }
     Ok(())
 }
