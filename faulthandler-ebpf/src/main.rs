@@ -8,6 +8,7 @@
 
 mod dump;
 mod procs;
+mod python;
 mod vma;
 
 use core::{ffi::c_void, intrinsics::AtomicOrdering, mem::size_of, ptr::addr_of_mut};
@@ -278,6 +279,16 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
         }
     };
 
+    // The Python frames go first, so that userspace has them when the
+    // signal record arrives (an --on-signal report is made at once).
+    // SAFETY: probe reads of the current task.
+    let (ns_tid, fsbase) = unsafe {
+        (
+            ns_nr(&cfg.offsets, task),
+            read_at::<u64>(task, cfg.offsets.task_fsbase).unwrap_or(0),
+        )
+    };
+    let py_flags = python::capture(tgid, tid, ns_tid, fsbase, dying.is_some());
     let Some(mut entry) = EVENTS.reserve::<SignalRecord>(0) else {
         match dying {
             Some(d) => {
@@ -301,6 +312,7 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
         init_record(ev, tgid, tid, if group_exit { SIG_F_GROUP_EXIT } else { 0 });
         (*ev).sig = sig as i32;
         (*ev).handler = handler;
+        (*ev).flags |= py_flags;
         if !info.is_null() {
             (*ev).flags |= SIG_F_HAS_INFO;
             (*ev).errno = read_at::<i32>(info, SI_ERRNO_OFF as u32).unwrap_or(0);
@@ -366,6 +378,7 @@ unsafe fn init_record(ev: *mut SignalEvent, tgid: u32, tid: u32, flags: u32) {
         (*ev).handler = 0;
         (*ev).flags = flags;
         (*ev).seq = 0;
+        (*ev).fsbase = 0;
         (*ev).prior = Handled::default();
         (*ev).fp_len = 0;
         (*ev).stack_len = 0;
@@ -411,6 +424,7 @@ unsafe fn fill_task(ev: *mut SignalEvent, task: *const u8, o: &KernelOffsets) {
     unsafe {
         (*ev).comm = read_at::<[u8; COMM_LEN]>(task, o.task_comm).unwrap_or([0; COMM_LEN]);
         (*ev).ns_tid = ns_nr(o, task);
+        (*ev).fsbase = read_at::<u64>(task, o.task_fsbase).unwrap_or(0);
         (*ev).ns_pid = match read_at::<*const u8>(task, o.task_group_leader) {
             Some(leader) => ns_nr(o, leader),
             None => 0,

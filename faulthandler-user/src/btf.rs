@@ -387,6 +387,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         signal_nr_threads: m("signal_struct", "nr_threads")?,
         upid_ns: m("upid", "ns")?,
         pidns_inum: m("pid_namespace", "ns.inum")?,
+        task_fsbase: m("task_struct", "thread.fsbase")?,
+        _pad: 0,
     })
 }
 

@@ -114,7 +114,13 @@ impl Capture {
         let kernel_btf = opts
             .dumps
             .then(|| std::thread::spawn(aya::Btf::from_sys_fs));
-        let mut ebpf = EbpfLoader::new().btf(None).load(OBJECT).map_err(|e| {
+        // The Python walk's scratch has one entry per possible CPU.
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .map_max_entries("PY_SCRATCH", cpus)
+            .load(OBJECT)
+            .map_err(|e| {
             if is_permission_error(&e) {
                 CaptureError::NotPermitted(e)
             } else {
