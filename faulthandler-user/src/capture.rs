@@ -17,7 +17,7 @@ use aya::{
     },
 };
 use faulthandler_common::{
-    CFG_ALL, CFG_FOLLOW, COUNTERS, Config, DumpCtl, Dying, KernelOffsets, STACK_MAX,
+    CFG_ALL, CFG_FOLLOW, COUNTERS, Config, DumpCtl, Dying, KernelOffsets, PyProc, STACK_MAX,
 };
 use thiserror::Error;
 
@@ -271,6 +271,21 @@ impl Capture {
     pub fn dying(&mut self, tgid: u32) -> Option<Dying> {
         let m: HashMap<_, u32, Dying> = HashMap::try_from(self.ebpf.map_mut("DYING")?).ok()?;
         m.get(&tgid, 0).ok()
+    }
+
+    /// Sets (or with `None` removes) `tgid`'s entry in the kernel's table
+    /// of CPython processes.
+    pub fn set_python(&mut self, tgid: u32, entry: Option<PyProc>) -> Result<(), CaptureError> {
+        let mut m: HashMap<_, u32, PyProc> =
+            HashMap::try_from(map(&mut self.ebpf, "PY_PROCS")?).map_err(map_error("PY_PROCS"))?;
+        match entry {
+            Some(p) => m.insert(tgid, p, 0).map_err(map_error("PY_PROCS")),
+            // Absent already is fine.
+            None => {
+                let _ = m.remove(&tgid);
+                Ok(())
+            }
+        }
     }
 
     /// Adds a process to the in-kernel watch set.

@@ -12,6 +12,19 @@ pub enum Format {
     Json,
 }
 
+/// Which frames a report shows for a thread that runs Python.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum StackMode {
+    /// Native frames, each call of the eval loop replaced by the Python
+    /// frames it ran.
+    #[default]
+    Merged,
+    /// Only the Python frames, as faulthandler prints them.
+    Python,
+    /// Only native frames; Python is not read.
+    Native,
+}
+
 /// Crash reports for any process, from the outside: eBPF captures the
 /// user stacks of fatal signals; rfh-trace unwinds and symbolizes them.
 #[derive(Debug, Parser)]
@@ -79,6 +92,12 @@ pub struct Cli {
     #[arg(long, default_value_t = faulthandler_common::STACK_DEFAULT, value_name = "BYTES",
           value_parser = clap::value_parser!(u32).range(256..=faulthandler_common::STACK_MAX as i64))]
     pub stack_size: u32,
+
+    /// Frames shown for threads running Python: native frames with the
+    /// Python frames in place of the eval loop's (merged), only the Python
+    /// frames, as faulthandler prints them (python), or only native frames.
+    #[arg(long, value_enum, default_value = "merged", global = true)]
+    pub stack: StackMode,
 
     /// Most frames unwound per thread.
     #[arg(long, default_value_t = 256, value_name = "N")]

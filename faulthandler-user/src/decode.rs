@@ -4,8 +4,9 @@
 use std::mem::size_of;
 
 use faulthandler_common::{
-    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_KILLED, EVENT_MMAP, EVENT_OOM, EVENT_SIGNAL,
-    EVENT_VMAS, EventHeader, ExecEvent, ExitEvent, ProcEvent, STACK_MAX, SignalEvent, VmaEvent,
+    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_KILLED, EVENT_MMAP, EVENT_OOM, EVENT_PYSTACK,
+    EVENT_SIGNAL, EVENT_VMAS, EventHeader, ExecEvent, ExitEvent, PY_RECORD_MAX, ProcEvent,
+    PyStackEvent, STACK_MAX, SignalEvent, VmaEvent,
 };
 use thiserror::Error;
 
@@ -24,10 +25,22 @@ pub enum DecodeError {
 pub struct SignalCapture {
     pub event: SignalEvent,
     pub stack: Vec<u8>,
+    /// The thread's Python frames as the kernel copied them at the same
+    /// moment (`SIG_F_PYTHON`), attached by the event loop.
+    pub python: Option<Box<PyStackCapture>>,
+}
+
+/// An `EVENT_PYSTACK` record: its header and the regions after it, still
+/// encoded (python::regions reads them).
+#[derive(Clone, Debug)]
+pub struct PyStackCapture {
+    pub event: PyStackEvent,
+    pub regions: Vec<u8>,
 }
 
 pub enum Event {
     Signal(Box<SignalCapture>),
+    PyStack(Box<PyStackCapture>),
     Exec(ExecEvent),
     Mmap(ProcEvent),
     Fork(ProcEvent),
@@ -74,7 +87,24 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 });
             }
             let stack = bytes[size_of::<SignalEvent>()..len].to_vec();
-            Ok(Event::Signal(Box::new(SignalCapture { event, stack })))
+            Ok(Event::Signal(Box::new(SignalCapture {
+                event,
+                stack,
+                python: None,
+            })))
+        }
+        EVENT_PYSTACK => {
+            let len = need(size_of::<PyStackEvent>())?;
+            if len > PY_RECORD_MAX {
+                return Err(DecodeError::Length {
+                    kind: header.kind,
+                    len: header.len,
+                    have: bytes.len(),
+                });
+            }
+            let event: PyStackEvent = read(bytes);
+            let regions = bytes[size_of::<PyStackEvent>()..len].to_vec();
+            Ok(Event::PyStack(Box::new(PyStackCapture { event, regions })))
         }
         EVENT_VMAS => {
             need(size_of::<VmaEvent>())?;

@@ -278,12 +278,16 @@ fn watcher(
         vec![sink::new(format, out)],
         WorkerOptions {
             max_frames: cli.max_frames,
+            stack: cli.stack,
             flamegraph: cli.flamegraph.clone(),
             warm: warm_modules,
         },
     );
     let capture = loading.join().map_err(|_| RunError::Panicked)??;
-    Ok(Watcher::new(capture, tracker, workers, masks.on_signal))
+    let mut w = Watcher::new(capture, tracker, workers, masks.on_signal);
+    w.set_stack_mode(cli.stack);
+    w.sync_python();
+    Ok(w)
 }
 
 /// `rfh-trace dump PID`: the dump goes to stdout, as eu-stack's and

@@ -3,17 +3,27 @@
 //! workers. Nothing here unwinds, symbolizes or writes a report.
 
 use std::{
+    collections::HashMap,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
+use faulthandler_common::{SIG_F_DUMP, SIG_F_PYTHON, SIG_F_SAMPLE};
+
 use crate::{
     assemble::{Assembler, Cause, Crash, Input, Killed, Output, STALL},
     capture::{Capture, CaptureError},
-    decode::{Event, SignalCapture, c_str, decode},
+    cli::StackMode,
+    decode::{Event, PyStackCapture, SignalCapture, c_str, decode},
     dumps::Collector,
     losses::{Losses, UserDrops},
     procs::{Tracker, container_id},
+    python::{
+        attach::{ThreadPython, live_thread},
+        discover::PyTarget,
+        mem::ProcMem,
+        walk::walk,
+    },
     report::{Kind, LossRecord, Process, rfc3339},
     workers::{Job, ReportJob, ThreadJob, Workers},
 };
@@ -44,7 +54,16 @@ pub struct Watcher {
     pub(crate) dump_seq: u32,
     /// CPU samples go to the workers for timeout profiles.
     profiling: bool,
+    /// Which frames reports show; `Native` reads no Python at all.
+    pub(crate) stack_mode: StackMode,
+    /// Python frames the kernel copied, by tid, waiting for the signal
+    /// record that follows them.
+    pending_py: HashMap<u32, Box<PyStackCapture>>,
 }
+
+/// Python records waiting for their signal record, at most: each is
+/// followed by its own at once, so only lost signal records leave any.
+const PENDING_PY_MAX: usize = 4096;
 
 pub(crate) fn clock_ns(clock: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec {
@@ -78,6 +97,24 @@ impl Watcher {
             collector: None,
             dump_seq: 0,
             profiling: false,
+            stack_mode: StackMode::Merged,
+            pending_py: HashMap::new(),
+        }
+    }
+
+    /// Sets which frames reports show (`--stack`).
+    pub fn set_stack_mode(&mut self, mode: StackMode) {
+        self.stack_mode = mode;
+    }
+
+    /// Tells the kernel about interpreters found or gone since last time,
+    /// so that their threads' Python frames are copied at signal time.
+    pub(crate) fn sync_python(&mut self) {
+        for (pid, entry) in self.tracker.take_python_changes() {
+            let entry = entry.filter(|_| self.stack_mode != StackMode::Native);
+            if let Err(e) = self.capture.set_python(pid, entry) {
+                crate::diag!("cannot tell the kernel about pid {pid}'s interpreter: {e}");
+            }
         }
     }
 
@@ -114,6 +151,7 @@ impl Watcher {
     /// the drop counters.
     fn after_batch(&mut self, force_loss_record: bool) {
         self.tracker.refresh_stale();
+        self.sync_python();
         let now = Instant::now();
         let dying: Vec<u32> = self.assembler.dying().collect();
         for pid in dying {
@@ -174,7 +212,19 @@ impl Watcher {
         };
         let now = Instant::now();
         match event {
-            Event::Signal(s) => {
+            Event::PyStack(p) => {
+                if self.pending_py.len() >= PENDING_PY_MAX {
+                    self.pending_py.clear();
+                }
+                self.pending_py.insert(p.event.tid, p);
+            }
+            Event::Signal(mut s) => {
+                if s.event.flags & SIG_F_PYTHON != 0
+                    && let Some(p) = self.pending_py.remove(&s.event.tid)
+                    && p.event.pid == s.event.pid
+                {
+                    s.python = Some(p);
+                }
                 let s = match self.collector.as_mut() {
                     Some(c) => match c.offer(s) {
                         Some(s) => s,
@@ -210,6 +260,7 @@ impl Watcher {
             }
             Event::Exit(e) => {
                 let pid = e.pid;
+                self.pending_py.retain(|_, p| p.event.pid != pid);
                 if let Some(out) = self.assembler.on(Input::Exit(e), now) {
                     self.output(out);
                 }
@@ -240,6 +291,7 @@ impl Watcher {
                     cap,
                     current: false,
                     modules,
+                    python: None,
                 })));
             }
             Output::Sample(_) => {}
@@ -282,6 +334,7 @@ impl Watcher {
     ) -> ReportJob {
         // Mappings that changed in the batch being handled.
         self.tracker.refresh_stale();
+        self.sync_python();
         let info = self.tracker.get(pid);
         let first = current.as_deref().or(others.first().map(|b| &**b));
         let ns_pid = first.map_or(0, |f| f.event.ns_pid);
@@ -304,7 +357,7 @@ impl Watcher {
             cgroup: info.and_then(|i| i.cgroup.clone()),
             k8s: None,
         };
-        let threads = current
+        let mut threads: Vec<ThreadJob> = current
             .into_iter()
             .map(|c| (c, true))
             .chain(others.into_iter().map(|c| (c, false)))
@@ -312,8 +365,15 @@ impl Watcher {
                 modules: self.modules_of(&cap),
                 cap,
                 current,
+                python: None,
             })
             .collect();
+        let python = info
+            .and_then(|i| i.python.clone())
+            .filter(|_| self.stack_mode != StackMode::Native);
+        if let Some(Ok(target)) = &python {
+            live_python(pid, target, &mut threads);
+        }
         self.read_drops();
         ReportJob {
             kind,
@@ -325,6 +385,7 @@ impl Watcher {
             counts: None,
             partial: None,
             lost_events: self.losses.take_for_report(),
+            python,
         }
     }
 
@@ -347,5 +408,27 @@ impl Watcher {
         job.cause = Some(cause);
         job.partial = partial;
         self.workers.submit(Job::Report(Box::new(job)));
+    }
+}
+
+/// The Python frames of the dumped threads among `threads`, read from the
+/// live process now, just after the dump: one walk of every thread state,
+/// matched to the records by thread id.
+fn live_python(pid: u32, target: &PyTarget, threads: &mut [ThreadJob]) {
+    if !threads.iter().any(|t| t.cap.event.flags & (SIG_F_DUMP | SIG_F_SAMPLE) != 0) {
+        return;
+    }
+    let walk = walk(&ProcMem::new(pid), target);
+    for t in threads
+        .iter_mut()
+        .filter(|t| t.cap.event.flags & (SIG_F_DUMP | SIG_F_SAMPLE) != 0)
+    {
+        t.python = match &walk {
+            Ok(w) => live_thread(w, &t.cap),
+            Err(e) => Some(ThreadPython {
+                error: Some(e.reason()),
+                ..ThreadPython::default()
+            }),
+        };
     }
 }

@@ -21,8 +21,13 @@ use crate::{
     decode::SignalCapture,
     modules::Module,
     pipeline::{Pipeline, ThreadInput},
+    cli::StackMode,
     profile::Profile,
-    report::{Kind, LossRecord, Process, Report, SCHEMA, Signal, rfc3339},
+    python::{
+        attach::{ThreadPython, apply, signal_thread},
+        discover::PyTarget,
+    },
+    report::{Kind, LossRecord, Process, Report, SCHEMA, Signal, Thread, rfc3339},
     signals,
     sink::Sink,
 };
@@ -41,6 +46,9 @@ pub struct ThreadJob {
     pub cap: Box<SignalCapture>,
     pub current: bool,
     pub modules: Vec<Module>,
+    /// Python frames read from the live process (dumps); a capture at a
+    /// signal carries the kernel's copy in `cap.python` instead.
+    pub(crate) python: Option<ThreadPython>,
 }
 
 pub struct ReportJob {
@@ -55,6 +63,9 @@ pub struct ReportJob {
     pub counts: Option<Dying>,
     pub partial: Option<String>,
     pub lost_events: u64,
+    /// The process's CPython, as the tracker knew it (`Err`: why its
+    /// frames cannot be read).
+    pub(crate) python: Option<Result<PyTarget, String>>,
 }
 
 pub enum Job {
@@ -91,6 +102,8 @@ impl Job {
 
 pub struct WorkerOptions {
     pub max_frames: usize,
+    /// Which frames threads running Python show.
+    pub stack: StackMode,
     pub flamegraph: Option<PathBuf>,
     /// Module lists to read unwind tables and debug info for at once, so
     /// the first report that needs them is fast.
@@ -120,6 +133,7 @@ impl Workers {
                 }
                 let worker = Worker {
                     pipeline,
+                    stack: opts.stack,
                     sinks,
                     profiles: HashMap::new(),
                     flamegraph: opts.flamegraph,
@@ -188,6 +202,7 @@ impl Drop for Workers {
 
 struct Worker {
     pipeline: Pipeline,
+    stack: StackMode,
     sinks: Vec<Box<dyn Sink>>,
     profiles: HashMap<u32, Profile>,
     flamegraph: Option<PathBuf>,
@@ -236,7 +251,7 @@ impl Worker {
         }
     }
 
-    fn report(&mut self, j: ReportJob) -> Report {
+    fn report(&mut self, mut j: ReportJob) -> Report {
         let inputs: Vec<ThreadInput<'_>> = j
             .threads
             .iter()
@@ -246,7 +261,9 @@ impl Worker {
                 modules: &t.modules,
             })
             .collect();
-        let unwound = self.pipeline.threads(&inputs);
+        let mut unwound = self.pipeline.threads(&inputs);
+        drop(inputs);
+        let python_error = self.merge_python(&mut j, &mut unwound.threads);
         let pid = j.process.pid;
         let signal = j
             .cause
@@ -271,11 +288,33 @@ impl Worker {
             partial: j.partial,
             profile: None,
             lost_events: j.lost_events,
+            python_error,
         };
         if report.kind == Kind::Timeout {
             self.attach_profile(pid, &mut report);
         }
         report
+    }
+
+    /// Puts each thread's Python frames into its native ones; returns why
+    /// the process's Python cannot be read, if it cannot.
+    fn merge_python(&self, j: &mut ReportJob, threads: &mut [Thread]) -> Option<String> {
+        if self.stack == StackMode::Native {
+            return None;
+        }
+        let target = match &j.python {
+            None => return None,
+            Some(Err(why)) => return Some(why.clone()),
+            Some(Ok(t)) => t,
+        };
+        for (thread, input) in threads.iter_mut().zip(&mut j.threads) {
+            let py = input
+                .python
+                .take()
+                .or_else(|| signal_thread(target, &input.cap));
+            apply(thread, py, self.stack);
+        }
+        None
     }
 
     /// Moves the samples of `pid` since the last dump into `report`.

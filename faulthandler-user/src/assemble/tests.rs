@@ -20,6 +20,7 @@ fn cap(tid: u32, sig: i32, code: i32, handler: u64, flags: u32) -> Box<SignalCap
     Box::new(SignalCapture {
         event,
         stack: Vec::new(),
+        python: None,
     })
 }
 

@@ -17,6 +17,7 @@ use object::{Endianness, ReadCache};
 
 use super::Tracker;
 use crate::modules::{FileHold, Module};
+use crate::python::discover::FileInterp;
 
 /// Above this many cached open files, the ones no tracked process maps
 /// any more are closed.
@@ -26,6 +27,9 @@ pub(super) struct OpenFile {
     file: Arc<File>,
     pub(super) name: String,
     pub(super) build_id: Option<Vec<u8>>,
+    /// What the file says about a CPython runtime in it, once probed
+    /// (`Err`: it has one that cannot be read, and why).
+    pub(super) python: Option<Result<Option<FileInterp>, String>>,
 }
 
 impl OpenFile {
@@ -166,6 +170,7 @@ fn open_mapped(proc_dir: &Path, m: &MapsLine) -> Option<OpenFile> {
         file: Arc::new(file),
         name: name.to_string(),
         build_id,
+        python: None,
     })
 }
 

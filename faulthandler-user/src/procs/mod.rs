@@ -24,7 +24,16 @@ pub use self::container::container_id;
 pub use self::files::build_id;
 pub(crate) use self::files::{FileStamp, file_stamp, parse_maps_line};
 use self::files::{MAX_OPEN_FILES, OpenFile, find_by_identity, strip_deleted};
-use crate::{decode::c_str, modules::Module};
+use crate::{
+    decode::c_str,
+    modules::Module,
+    python::{
+        PyError,
+        discover::{MappedElf, PyTarget, discover_with, probe_file},
+        kernel::py_proc,
+    },
+};
+use faulthandler_common::PyProc;
 
 #[derive(Clone, Debug, Default)]
 pub struct ProcInfo {
@@ -36,6 +45,9 @@ pub struct ProcInfo {
     pub uid: Option<u32>,
     pub cgroup: Option<String>,
     pub modules: Vec<Module>,
+    /// The process's CPython, when it runs one: `Err` says why its frames
+    /// cannot be read (an unsupported version, say).
+    pub(crate) python: Option<Result<PyTarget, String>>,
     /// The `Tracker.files` keys `modules` were opened through, each once.
     file_keys: Vec<(u64, u64)>,
 }
@@ -48,6 +60,9 @@ pub struct Tracker {
     exit_vmas: HashMap<u32, Vec<Vma>>,
     /// Processes whose mappings changed since they were last read.
     stale: Vec<u32>,
+    /// Processes whose interpreter may have changed since the kernel's
+    /// table was last told (`take_python_changes`).
+    py_changed: Vec<u32>,
     /// Keyed by (kernel dev, inode): one handle per file across processes.
     /// Files outlive the processes that mapped them (the next process of
     /// the same binary reuses them) until `evict` closes them.
@@ -74,6 +89,7 @@ impl Tracker {
             exec_paths: HashMap::new(),
             exit_vmas: HashMap::new(),
             stale: Vec::new(),
+            py_changed: Vec::new(),
             files: HashMap::new(),
             file_limit,
             evict_above: file_limit,
@@ -106,6 +122,9 @@ impl Tracker {
 
     pub fn forget(&mut self, pid: u32) {
         let gone = self.procs.remove(&pid);
+        if gone.as_ref().is_some_and(|p| p.python.is_some()) {
+            self.python_changed(pid);
+        }
         self.exec_paths.remove(&pid);
         self.exit_vmas.remove(&pid);
         // Files stay cached: the next process of the same binary reuses
@@ -138,7 +157,9 @@ impl Tracker {
         // What was known belongs to the old image (often the parent's,
         // copied at fork); if the new one dies before /proc can be read,
         // stale mappings and exe would be worse than none.
-        self.procs.remove(&pid);
+        if self.procs.remove(&pid).is_some_and(|p| p.python.is_some()) {
+            self.python_changed(pid);
+        }
         self.mark_stale(pid);
     }
 
@@ -147,6 +168,9 @@ impl Tracker {
         match self.procs.get(&parent).cloned() {
             Some(mut info) => {
                 info.pid = child;
+                if info.python.is_some() {
+                    self.python_changed(child);
+                }
                 self.procs.insert(child, info);
             }
             None => self.mark_stale(child),
@@ -213,6 +237,7 @@ impl Tracker {
         let maps = fs::read_to_string(proc_dir.join("maps"))?;
         let mut modules = Vec::new();
         let mut file_keys = Vec::new();
+        let mut module_keys = Vec::new();
         for line in maps.lines() {
             let Some(m) = parse_maps_line(line) else {
                 continue;
@@ -222,6 +247,7 @@ impl Tracker {
             };
             modules.push(m.module(f.open_path(), f.build_id.clone(), Some(f.hold())));
             let key = (m.dev, m.ino);
+            module_keys.push(key);
             if !file_keys.contains(&key) {
                 file_keys.push(key);
             }
@@ -264,11 +290,67 @@ impl Tracker {
                     c.lines()
                         .find_map(|l| l.strip_prefix("0::").map(str::to_string))
                 }),
+            python: self.discover_python(&modules, &module_keys),
             modules,
             file_keys,
         };
+        let was_python = self.procs.get(&pid).is_some_and(|p| p.python.is_some());
+        if was_python || info.python.is_some() {
+            self.python_changed(pid);
+        }
         self.procs.insert(pid, info);
         Ok(())
+    }
+
+    /// The CPython among `modules` (whose files are `keys`), each file
+    /// probed once for all the processes that map it.
+    fn discover_python(
+        &mut self,
+        modules: &[Module],
+        keys: &[(u64, u64)],
+    ) -> Option<Result<PyTarget, String>> {
+        let files = &mut self.files;
+        let mapped = modules.iter().zip(keys).map(|(m, &k)| (MappedElf::from(m), k));
+        let by_path: HashMap<&Path, (u64, u64)> = mapped.clone().map(|(m, k)| (m.open_path, k)).collect();
+        let probe = |m: MappedElf<'_>| {
+            let Some(file) = by_path.get(m.open_path).and_then(|k| files.get_mut(k)) else {
+                return Ok(None);
+            };
+            let known = file
+                .python
+                .get_or_insert_with(|| probe_file(m.open_path, m.name).map_err(|e| e.to_string()));
+            match known {
+                Ok(Some(interp)) => interp.target(m).map(Some),
+                Ok(None) => Ok(None),
+                Err(why) => Err(PyError::Cached(why.clone())),
+            }
+        };
+        match discover_with(mapped.map(|(m, _)| m), probe) {
+            Ok(t) => Some(Ok(t)),
+            Err(PyError::NotPython) => None,
+            Err(e) => Some(Err(e.to_string())),
+        }
+    }
+
+    fn python_changed(&mut self, pid: u32) {
+        if !self.py_changed.contains(&pid) {
+            self.py_changed.push(pid);
+        }
+    }
+
+    /// The processes whose entry in the kernel's CPython table is to be
+    /// set (`Some`) or removed (`None`) since the last call.
+    pub fn take_python_changes(&mut self) -> Vec<(u32, Option<PyProc>)> {
+        std::mem::take(&mut self.py_changed)
+            .into_iter()
+            .map(|pid| {
+                let entry = match self.procs.get(&pid).and_then(|p| p.python.as_ref()) {
+                    Some(Ok(t)) => py_proc(t).ok(),
+                    _ => None,
+                };
+                (pid, entry)
+            })
+            .collect()
     }
 
     /// The modules to unwind and symbolize a capture of `pid` with: what

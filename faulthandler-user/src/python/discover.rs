@@ -73,6 +73,14 @@ pub(crate) struct PyTarget {
 pub(crate) fn discover<'a>(
     modules: impl IntoIterator<Item = MappedElf<'a>>,
 ) -> Result<PyTarget, PyError> {
+    discover_with(modules, probe)
+}
+
+/// `discover` with the probe of one mapped file given (a cached one).
+pub(crate) fn discover_with<'a>(
+    modules: impl IntoIterator<Item = MappedElf<'a>>,
+    mut probe: impl FnMut(MappedElf<'a>) -> Result<Option<PyTarget>, PyError>,
+) -> Result<PyTarget, PyError> {
     let mut seen: Vec<&Path> = Vec::new();
     let mut candidates: Vec<MappedElf<'a>> = Vec::new();
     for m in modules {
@@ -97,10 +105,46 @@ fn file_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
+/// What a file says about the interpreter it holds, wherever it is
+/// mapped: cached per file, since probing reads its symbol tables.
+#[derive(Clone, Debug)]
+pub(crate) struct FileInterp {
+    runtime_vaddr: u64,
+    code_type_vaddr: Option<u64>,
+    version: PyVersion,
+    layout: PyLayout,
+    loads: Vec<Load>,
+}
+
+impl FileInterp {
+    /// The interpreter as the process that maps `m` has it.
+    pub(crate) fn target(&self, m: MappedElf<'_>) -> Result<PyTarget, PyError> {
+        let bias = load_bias(&self.loads, m.start, m.file_offset).ok_or_else(|| PyError::Elf {
+            path: m.name.to_string(),
+            what: "no PT_LOAD segment holds the mapping".to_string(),
+        })?;
+        Ok(PyTarget {
+            runtime_addr: self.runtime_vaddr.wrapping_add(bias),
+            version: self.version,
+            layout: self.layout,
+            free_threaded: false,
+            code_type_addr: self.code_type_vaddr.map(|a| a.wrapping_add(bias)),
+            module: m.name.to_string(),
+        })
+    }
+}
+
 /// `Ok(None)`: not an interpreter (or not a readable ELF at all: a file we
 /// cannot parse is nobody's `_PyRuntime`).
 fn probe(m: MappedElf<'_>) -> Result<Option<PyTarget>, PyError> {
-    let Ok(file) = File::open(m.open_path) else {
+    probe_file(m.open_path, m.name)?
+        .map(|f| f.target(m))
+        .transpose()
+}
+
+/// Reads `open_path` (named `name` in the process) for a CPython runtime.
+pub(crate) fn probe_file(open_path: &Path, name: &str) -> Result<Option<FileInterp>, PyError> {
+    let Ok(file) = File::open(open_path) else {
         return Ok(None);
     };
     let cache = ReadCache::new(file);
@@ -115,10 +159,6 @@ fn probe(m: MappedElf<'_>) -> Result<Option<PyTarget>, PyError> {
             None => return Ok(None),
         },
     };
-    let elf_err = |what: &str| PyError::Elf {
-        path: m.name.to_string(),
-        what: what.to_string(),
-    };
     let endian = elf.endian();
     let loads: Vec<Load> = elf
         .elf_program_headers()
@@ -132,8 +172,6 @@ fn probe(m: MappedElf<'_>) -> Result<Option<PyTarget>, PyError> {
             exec: ph.p_flags(endian) & object::elf::PF_X != 0,
         })
         .collect();
-    let bias = load_bias(&loads, m.start, m.file_offset)
-        .ok_or_else(|| elf_err("no PT_LOAD segment holds the mapping"))?;
     let read = |vaddr: u64, len: usize| file_bytes(&cache, &loads, vaddr, len);
 
     // `_Py_DebugOffsets` starts `_PyRuntime` on 3.13+; its cookie is
@@ -153,13 +191,13 @@ fn probe(m: MappedElf<'_>) -> Result<Option<PyTarget>, PyError> {
         .py_version
         .and_then(|v| read(v, 4))
         .and_then(|b| Some(u32::from_le_bytes(b.get(..4)?.try_into().ok()?)));
-    let version = version_of(m.name, py_version, debug.map(|(v, _)| v as u32))?;
+    let version = version_of(name, py_version, debug.map(|(v, _)| v as u32))?;
     let (major, minor) = (version.major, version.minor);
     if major != 3 || !(MIN_MINOR..=MAX_MINOR).contains(&minor) {
         return Err(PyError::UnsupportedVersion { major, minor });
     }
     let debug_err = |what: &str| PyError::DebugOffsets {
-        path: m.name.to_string(),
+        path: name.to_string(),
         what: what.to_string(),
     };
     let layout = match layout::static_layout(minor) {
@@ -179,13 +217,12 @@ fn probe(m: MappedElf<'_>) -> Result<Option<PyTarget>, PyError> {
             debug_offsets::from_debug_offsets(minor, &raw).map_err(|e| debug_err(&e))?
         }
     };
-    Ok(Some(PyTarget {
-        runtime_addr: runtime_vaddr.wrapping_add(bias),
+    Ok(Some(FileInterp {
+        runtime_vaddr,
+        code_type_vaddr: syms.code_type,
         version,
         layout,
-        free_threaded: false,
-        code_type_addr: syms.code_type.map(|a| a.wrapping_add(bias)),
-        module: m.name.to_string(),
+        loads,
     }))
 }
 

@@ -10,6 +10,13 @@ use super::PyError;
 pub(crate) trait Memory {
     /// Fills `buf` from `addr`, entirely or not at all (`PyError::Read`).
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), PyError>;
+
+    /// How many of the `len` bytes at `addr` can be read, when a source
+    /// holds only the start of an object (the kernel copies names and line
+    /// tables up to a cap). Live memory has it all: `len`.
+    fn readable(&self, _addr: u64, len: usize) -> usize {
+        len
+    }
 }
 
 /// The live memory of a process, read with `process_vm_readv`: no ptrace

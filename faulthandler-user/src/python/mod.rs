@@ -14,12 +14,15 @@
 //! - `linetable`: instruction offset → line, for each table format;
 //! - `merge`: native frames + Python frames → one stack.
 
+pub(crate) mod attach;
 pub(crate) mod debug_offsets;
 pub(crate) mod discover;
 pub(crate) mod layout;
 pub(crate) mod linetable;
 pub(crate) mod mem;
+pub(crate) mod kernel;
 pub(crate) mod merge;
+pub(crate) mod regions;
 pub(crate) mod walk;
 
 #[cfg(test)]
@@ -72,4 +75,28 @@ pub(crate) enum PyError {
     Cycle { what: &'static str, addr: u64 },
     #[error("more than {limit} {what}: stopped there")]
     TooMany { what: &'static str, limit: usize },
+    /// An error found earlier for the same file, kept as its message.
+    #[error("{0}")]
+    Cached(String),
+    #[error("the interpreter's layout cannot be read at signal time: {0}")]
+    KernelLayout(String),
+}
+
+impl PyError {
+    /// The error as a report says it: without the addresses, which are
+    /// words of the process's memory (a report never shows those).
+    pub(crate) fn reason(&self) -> String {
+        match self {
+            PyError::Read { len, .. } => format!("a read of {len} bytes of its memory failed"),
+            PyError::BadPointer { what, .. } => format!("a {what} pointer is not valid"),
+            PyError::NotCode { .. } => "a frame's code is not a code object".into(),
+            PyError::BadString { .. } => "a name is not a readable compact string".into(),
+            PyError::BadBytes { .. } => "a line table has an implausible size".into(),
+            PyError::ForeignThread { .. } => {
+                "a thread state does not belong to its interpreter".into()
+            }
+            PyError::Cycle { what, .. } => format!("the {what} chain loops"),
+            e => e.to_string(),
+        }
+    }
 }

@@ -48,7 +48,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::PyError;
 use super::discover::PyTarget;
-use super::layout::{ABSENT, CODE_TAG_MASK, InstrKind, PyLayout, flags};
+use super::layout::{ABSENT, CODE_TAG_MASK, InstrKind, LineTableKind, PyLayout, flags};
 use super::layout::{UNICODE_ASCII_BIT, UNICODE_COMPACT_BIT, UNICODE_KIND_SHIFT};
 use super::linetable::line_for;
 use super::mem::{Memory, check_ptr, field_i32, field_u8, field_u64, read_u64, read_vec};
@@ -85,6 +85,9 @@ pub(crate) struct PyFrame {
     /// frame ran this frame and every newer one up to the previous entry
     /// frame. Always true on 3.8–3.10 (one eval call per frame).
     pub is_entry: bool,
+    /// The line is a best effort: the line table was copied only in part
+    /// (at signal time) and the instruction lies past that part.
+    pub approximate: bool,
 }
 
 /// One thread state and its frames.
@@ -112,6 +115,8 @@ struct Code {
     file: String,
     firstlineno: i32,
     linetable: Vec<u8>,
+    /// Only the start of the line table could be read.
+    linetable_cut: bool,
     /// 3.8–3.10: address of the first bytecode byte (`co_code`'s data).
     bytecode: Option<u64>,
 }
@@ -351,7 +356,7 @@ impl<'a> Walker<'a> {
                 (offset, (instr >= base).then_some(instr))
             }
         };
-        let line = if offset < MAX_CODE_BYTES {
+        let mut line = if offset < MAX_CODE_BYTES {
             line_for(
                 l.linetable_kind(),
                 &code.linetable,
@@ -361,6 +366,14 @@ impl<'a> Walker<'a> {
         } else {
             None
         };
+        // Past the copied part of a cut table: the function's first line
+        // (or, for lnotab, the last line the part reached), marked so.
+        let approximate = code.linetable_cut
+            && offset >= 0
+            && past_table(l.linetable_kind(), &code.linetable, offset);
+        if approximate && line.is_none() {
+            line = u32::try_from(code.firstlineno).ok();
+        }
         let is_entry = match l.instr_kind() {
             InstrKind::LastiBytes | InstrKind::LastiUnits => true,
             InstrKind::Pointer if l.has(flags::ENTRY_FLAG) => {
@@ -377,6 +390,7 @@ impl<'a> Walker<'a> {
             line,
             instr_addr,
             is_entry,
+            approximate,
         })
     }
 
@@ -417,7 +431,8 @@ impl<'a> Walker<'a> {
             None => None,
         };
         let file = self.string(ptr(l.code_filename).unwrap_or(0), MAX_FILE_CHARS)?;
-        let (_, linetable) = self.bytes(ptr(l.code_linetable).unwrap_or(0), MAX_LINETABLE)?;
+        let (_, linetable, linetable_cut) =
+            self.bytes(ptr(l.code_linetable).unwrap_or(0), MAX_LINETABLE)?;
         let bytecode = match ptr(l.code_code) {
             Some(b) => Some(check_ptr("co_code", b)?.wrapping_add(l.bytes_data)),
             None => None,
@@ -428,6 +443,7 @@ impl<'a> Walker<'a> {
             file,
             firstlineno: field_i32(&head, l.code_firstlineno).unwrap_or(0),
             linetable,
+            linetable_cut,
             bytecode,
         })
     }
@@ -468,12 +484,21 @@ impl<'a> Walker<'a> {
         } else {
             l.unicode_compact_data
         });
-        let raw = read_vec(self.mem, data, (len as usize) * kind as usize)?;
-        Ok(decode(&raw, kind))
+        let want = (len as usize) * kind as usize;
+        // A copy cut short keeps its whole characters and says so.
+        let have = self.mem.readable(data, want).min(want);
+        let have = have - have % kind as usize;
+        let raw = read_vec(self.mem, data, have)?;
+        let mut text = decode(&raw, kind);
+        if have < want {
+            text.push('…');
+        }
+        Ok(text)
     }
 
-    /// A `bytes` object of at most `max` bytes: its data address and data.
-    fn bytes(&self, addr: u64, max: i64) -> Result<(u64, Vec<u8>), PyError> {
+    /// A `bytes` object of at most `max` bytes: its data address, data,
+    /// and whether only the start of it could be read.
+    fn bytes(&self, addr: u64, max: i64) -> Result<(u64, Vec<u8>, bool), PyError> {
         let l = self.layout;
         check_ptr("bytes", addr)?;
         let size = read_u64(self.mem, addr.wrapping_add(l.bytes_size))? as i64;
@@ -481,8 +506,27 @@ impl<'a> Walker<'a> {
             return Err(PyError::BadBytes { addr, size });
         }
         let data = addr.wrapping_add(l.bytes_data);
-        Ok((data, read_vec(self.mem, data, size as usize)?))
+        let want = size as usize;
+        let have = self.mem.readable(data, want).min(want);
+        Ok((data, read_vec(self.mem, data, have)?, have < want))
     }
+}
+
+/// Whether byte offset `offset` lies past what `table` describes.
+fn past_table(kind: LineTableKind, table: &[u8], offset: i64) -> bool {
+    let covered: i64 = match kind {
+        LineTableKind::Lnotab | LineTableKind::Lines310 => table
+            .chunks_exact(2)
+            .map(|p| i64::from(p[0]))
+            .sum(),
+        // Entries start with a header byte `1cccclll` (length - 1 in code
+        // units): a cut table counts its whole entries' lengths, which is
+        // at least what it covers.
+        LineTableKind::Locations => {
+            return line_for(kind, table, 1, offset).is_none();
+        }
+    };
+    offset >= covered
 }
 
 /// PEP 393 storage: 1 byte per char (latin-1), 2 (UCS-2) or 4 (UCS-4).

@@ -38,6 +38,10 @@ pub struct Thread {
     /// `threading.Thread.name`, for threads running Python.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub python_name: Option<String>,
+    /// Why this thread's Python frames are missing, incomplete or not
+    /// merged, as one line ("Python frames unavailable: ...").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -108,6 +112,10 @@ pub struct Report {
     pub profile: Option<ProfileSummary>,
     /// Records lost (of any cause) since the previous report.
     pub lost_events: u64,
+    /// The process runs a CPython whose frames cannot be read, and why
+    /// (an unsupported version, a free-threaded build).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python_error: Option<String>,
 }
 
 /// `kind: "loss"`: what was dropped since the previous loss record, by

@@ -135,6 +135,9 @@ fn header(out: &mut String, r: &Report, st: &Style) {
     if let Some(why) = &r.partial {
         let _ = writeln!(out, "warning: this report is partial: {}", escape(why));
     }
+    if let Some(why) = &r.python_error {
+        let _ = writeln!(out, "Python frames unavailable: {}", escape(why));
+    }
     if r.lost_events > 0 {
         let _ = writeln!(
             out,
@@ -193,6 +196,9 @@ fn thread(out: &mut String, t: &Thread, st: &Style) {
     }
     if t.truncated {
         out.push_str("  ...\n");
+    }
+    if let Some(e) = &t.python_error {
+        let _ = writeln!(out, "  {}", escape(e));
     }
     if let Some(e) = &t.error {
         let _ = writeln!(out, "  <{}>", escape(e));
@@ -288,6 +294,7 @@ mod tests {
             partial: None,
             profile: None,
             lost_events: 0,
+            python_error: None,
         }
     }
 
