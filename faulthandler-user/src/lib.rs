@@ -20,8 +20,6 @@ pub(crate) mod paths;
 pub mod pipeline;
 pub mod procs;
 pub mod profile;
-// Not wired into the pipeline yet (issue 8, phase 2): only tests use it.
-#[allow(dead_code)]
 pub(crate) mod python;
 pub mod ready;
 pub mod report;

@@ -424,7 +424,13 @@ fn live_python(pid: u32, target: &PyTarget, threads: &mut [ThreadJob]) {
         .filter(|t| t.cap.event.flags & (SIG_F_DUMP | SIG_F_SAMPLE) != 0)
     {
         t.python = match &walk {
-            Ok(w) => live_thread(w, &t.cap),
+            // Not found in a list that was torn under the walk: say so.
+            Ok(w) => live_thread(w, &t.cap).or_else(|| {
+                w.error.as_ref().map(|e| ThreadPython {
+                    error: Some(format!("the thread list changed under the walk: {}", e.reason())),
+                    ..ThreadPython::default()
+                })
+            }),
             Err(e) => Some(ThreadPython {
                 error: Some(e.reason()),
                 ..ThreadPython::default()

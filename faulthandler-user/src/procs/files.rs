@@ -262,6 +262,7 @@ mod tests {
                         file: Arc::new(file),
                         name,
                         build_id: None,
+                        python: None,
                     },
                 );
                 key

@@ -353,6 +353,39 @@ impl Tracker {
             .collect()
     }
 
+    /// Where a file named `name` that `pid` mapped too late for /proc may
+    /// be: its executable, then beside each file it is known to map, and
+    /// for a CPython, in its `lib-dynload` (where `_ctypes` comes from).
+    fn hints_for(&self, pid: u32, name: &str) -> Vec<PathBuf> {
+        let info = self.procs.get(&pid);
+        let mut out: Vec<PathBuf> = info
+            .and_then(|p| p.exe.as_ref().map(PathBuf::from))
+            .into_iter()
+            .chain(self.exec_paths.get(&pid).cloned())
+            .collect();
+        let mut dirs: Vec<&Path> = Vec::new();
+        for m in info.map(|p| p.modules.as_slice()).unwrap_or_default() {
+            if let Some(d) = Path::new(&m.name).parent()
+                && !dirs.contains(&d)
+            {
+                dirs.push(d);
+            }
+        }
+        let py = info
+            .and_then(|p| p.python.as_ref()?.as_ref().ok())
+            .map(|t| format!("python{}.{}", t.version.major, t.version.minor));
+        for d in dirs {
+            out.push(d.join(name));
+            if let Some(py) = &py {
+                out.push(d.join(py).join("lib-dynload").join(name));
+                if let Some(up) = d.parent() {
+                    out.push(up.join("lib").join(py).join("lib-dynload").join(name));
+                }
+            }
+        }
+        out
+    }
+
     /// The modules to unwind and symbolize a capture of `pid` with: what
     /// was read from /proc ahead of time, completed by the mappings the
     /// kernel resolved at signal time for anything that was missed.
@@ -384,12 +417,9 @@ impl Tracker {
                     (f.open_path(), f.name.clone(), f.build_id.clone(), hold)
                 })
                 .or_else(|| {
-                    let exe = self
-                        .procs
-                        .get(&pid)
-                        .and_then(|p| p.exe.as_ref().map(PathBuf::from));
-                    let hints = exe.iter().chain(self.exec_paths.get(&pid));
-                    let path = find_by_identity(&c_str(&v.name), key, hints)?;
+                    let name = c_str(&v.name);
+                    let hints = self.hints_for(pid, &name);
+                    let path = find_by_identity(&name, key, hints.iter())?;
                     let build_id = File::open(&path).ok().and_then(|mut f| build_id(&mut f));
                     Some((
                         path.clone(),

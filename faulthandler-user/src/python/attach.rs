@@ -100,7 +100,9 @@ pub(crate) fn apply(thread: &mut Thread, py: Option<ThreadPython>, mode: StackMo
     if mode == StackMode::Native {
         return;
     }
-    let runs_python = thread.frames.iter().any(is_eval);
+    // Worth a line: a thread that ran Python, or whose native stack may
+    // have been cut before its eval-loop frames.
+    let runs_python = thread.frames.iter().any(is_eval) || thread.current || thread.error.is_some();
     let Some(py) = py else {
         if mode == StackMode::Python {
             thread.frames.clear();

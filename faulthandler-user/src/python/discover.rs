@@ -7,8 +7,8 @@
 use std::fs::File;
 use std::path::Path;
 
-use object::read::elf::{ElfFile64, ProgramHeader as _};
-use object::{Endianness, Object as _, ObjectSection as _, ObjectSymbol as _, ReadCache, ReadRef};
+use object::read::elf::{ElfFile64, ProgramHeader as _, SectionHeader as _, Sym as _};
+use object::{Endianness, Object as _, ObjectSection as _, ReadCache, ReadRef};
 
 use super::PyError;
 use super::debug_offsets;
@@ -57,19 +57,16 @@ pub(crate) struct PyTarget {
     pub runtime_addr: u64,
     pub version: PyVersion,
     pub layout: PyLayout,
-    /// Always false: free-threaded builds are refused (`PyError::FreeThreaded`).
-    pub free_threaded: bool,
     /// Address of `PyCode_Type` in the process, when the file names it;
     /// else the walk learns it from the first code object.
     pub code_type_addr: Option<u64>,
-    /// The ELF holding the runtime, as the process names it.
-    pub module: String,
 }
 
 /// Finds the interpreter among `modules` (a process's executable mappings).
 /// Files whose name says "python" are tried first; the first with a
 /// `_PyRuntime` decides: its errors (an unsupported version, a
 /// free-threaded build, no version) are the answer.
+#[cfg(test)]
 pub(crate) fn discover<'a>(
     modules: impl IntoIterator<Item = MappedElf<'a>>,
 ) -> Result<PyTarget, PyError> {
@@ -127,15 +124,14 @@ impl FileInterp {
             runtime_addr: self.runtime_vaddr.wrapping_add(bias),
             version: self.version,
             layout: self.layout,
-            free_threaded: false,
             code_type_addr: self.code_type_vaddr.map(|a| a.wrapping_add(bias)),
-            module: m.name.to_string(),
         })
     }
 }
 
 /// `Ok(None)`: not an interpreter (or not a readable ELF at all: a file we
 /// cannot parse is nobody's `_PyRuntime`).
+#[cfg(test)]
 fn probe(m: MappedElf<'_>) -> Result<Option<PyTarget>, PyError> {
     probe_file(m.open_path, m.name)?
         .map(|f| f.target(m))
@@ -280,30 +276,54 @@ impl Symbols {
     fn find<'d, R: ReadRef<'d>>(elf: &ElfFile64<'d, Endianness, R>) -> Self {
         let mut s = Symbols::default();
         // Debian strips .symtab but exports these in .dynsym; pyenv's
-        // libpython has both. Read .symtab only if .dynsym lacks something.
-        for table in [true, false] {
-            let syms = if table {
-                elf.dynamic_symbols()
-            } else {
-                elf.symbols()
-            };
-            for sym in syms {
-                if sym.is_undefined() {
-                    continue;
-                }
-                let slot = match sym.name_bytes() {
-                    Ok(b"_PyRuntime") => &mut s.runtime,
-                    Ok(b"Py_Version") => &mut s.py_version,
-                    Ok(b"PyCode_Type") => &mut s.code_type,
-                    _ => continue,
-                };
-                slot.get_or_insert(sym.address());
-            }
-            if s.runtime.is_some() && s.py_version.is_some() && s.code_type.is_some() {
-                break;
-            }
+        // libpython has both. .symtab (large) only when .dynsym has no
+        // runtime: 3.8–3.10 have no Py_Version, and it is exported where
+        // it exists.
+        s.scan(elf, object::elf::SHT_DYNSYM);
+        if s.runtime.is_none() {
+            s.scan(elf, object::elf::SHT_SYMTAB);
         }
         s
+    }
+
+    /// One symbol table, read whole with its string table (two reads: a
+    /// name at a time through a file cache would be a read per symbol).
+    fn scan<'d, R: ReadRef<'d>>(&mut self, elf: &ElfFile64<'d, Endianness, R>, kind: u32) {
+        let endian = elf.endian();
+        let data = elf.data();
+        let sections = elf.elf_section_table();
+        let Some(table) = sections.iter().find(|sh| sh.sh_type(endian) == kind) else {
+            return;
+        };
+        let Ok(strtab) = sections.section(object::SectionIndex(table.sh_link(endian) as usize))
+        else {
+            return;
+        };
+        let (Ok(raw), Ok(names)) = (table.data(endian, data), strtab.data(endian, data)) else {
+            return;
+        };
+        let Ok((syms, _)) = object::pod::slice_from_bytes::<object::elf::Sym64<Endianness>>(
+            raw,
+            raw.len() / std::mem::size_of::<object::elf::Sym64<Endianness>>(),
+        ) else {
+            return;
+        };
+        for sym in syms {
+            if sym.st_shndx(endian) == object::elf::SHN_UNDEF {
+                continue;
+            }
+            let Some(name) = names.get(sym.st_name(endian) as usize..) else {
+                continue;
+            };
+            let name = name.split(|&b| b == 0).next().unwrap_or_default();
+            let slot = match name {
+                b"_PyRuntime" => &mut self.runtime,
+                b"Py_Version" => &mut self.py_version,
+                b"PyCode_Type" => &mut self.code_type,
+                _ => continue,
+            };
+            slot.get_or_insert(sym.st_value(endian));
+        }
     }
 }
 

@@ -19,15 +19,22 @@ use super::walk::{PyFrame, Walker};
 /// The kernel's table entry for a process whose interpreter is `t`.
 pub(crate) fn py_proc(t: &PyTarget) -> Result<PyProc, PyError> {
     let l = &t.layout;
-    let off = |name: &str, v: u64| -> Result<u32, PyError> {
+    // Offsets the kernel reads at directly may be anything a struct
+    // holds; those into a copied header must lie inside it.
+    let within = |name: &str, v: u64, limit: u64| -> Result<u32, PyError> {
         if v == ABSENT {
             return Ok(PY_ABSENT);
         }
         u32::try_from(v)
             .ok()
-            .filter(|&v| v < PY_HEADER_MAX * 8)
+            .filter(|&v| u64::from(v) + 8 <= limit)
             .ok_or_else(|| PyError::KernelLayout(format!("offset {v} of {name} is too large")))
     };
+    let off = |name: &str, v: u64| within(name, v, 1 << 20);
+    let in_frame = |name: &str, v: u64| within(name, v, l.frame_read_size.max(8));
+    let in_code = |name: &str, v: u64| within(name, v, l.code_read_size.max(8));
+    let in_str = |name: &str, v: u64| within(name, v, l.unicode_ascii_data.max(8));
+    let in_bytes = |name: &str, v: u64| within(name, v, l.bytes_data.max(8));
     let header = |name: &str, v: u64| -> Result<u32, PyError> {
         u32::try_from(v)
             .ok()
@@ -67,21 +74,23 @@ pub(crate) fn py_proc(t: &PyTarget) -> Result<PyProc, PyError> {
             "PyThreadState.native_thread_id",
             l.tstate_native_thread_id,
         )?,
-        frame_previous: off("the frame's previous", l.frame_previous)?,
-        frame_code: off("the frame's code", l.frame_code)?,
-        frame_owner: off("the frame's owner", l.frame_owner)?,
+        frame_previous: in_frame("the frame's previous", l.frame_previous)?,
+        frame_code: in_frame("the frame's code", l.frame_code)?,
+        // One byte, read at most 7 bytes before the header's end.
+        frame_owner: within("the frame's owner", l.frame_owner, l.frame_read_size + 7)?,
         frame_read_size: header("a frame", l.frame_read_size)?,
         code_read_size: header("a code object's header", l.code_read_size)?,
-        object_type: off("ob_type", l.object_type)?,
-        code_name: off("co_name", l.code_name)?,
-        code_qualname: off("co_qualname", l.code_qualname)?,
-        code_filename: off("co_filename", l.code_filename)?,
-        code_linetable: off("co_linetable", l.code_linetable)?,
-        unicode_length: off("the string length", l.unicode_length)?,
-        unicode_state: off("the string state", l.unicode_state)?,
+        object_type: in_code("ob_type", l.object_type)?,
+        code_name: in_code("co_name", l.code_name)?,
+        code_qualname: in_code("co_qualname", l.code_qualname)?,
+        code_filename: in_code("co_filename", l.code_filename)?,
+        code_linetable: in_code("co_linetable", l.code_linetable)?,
+        unicode_length: in_str("the string length", l.unicode_length)?,
+        // A 4-byte field.
+        unicode_state: within("the string state", l.unicode_state, l.unicode_ascii_data + 4)?,
         unicode_ascii_data: header("a string header", l.unicode_ascii_data)?,
         unicode_compact_data: off("the compact string data", l.unicode_compact_data)?,
-        bytes_size: off("the bytes size", l.bytes_size)?,
+        bytes_size: in_bytes("the bytes size", l.bytes_size)?,
         bytes_data: header("a bytes header", l.bytes_data)?,
     })
 }
@@ -182,9 +191,7 @@ mod tests {
                 hex: None,
             },
             layout: static_layout(minor).unwrap(),
-            free_threaded: false,
             code_type_addr: Some(0x2000),
-            module: "python".into(),
         }
     }
 

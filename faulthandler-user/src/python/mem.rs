@@ -103,10 +103,6 @@ pub(crate) fn field_i32(buf: &[u8], off: u64) -> Option<i32> {
     Some(i32::from_le_bytes(b.try_into().ok()?))
 }
 
-pub(crate) fn field_u32(buf: &[u8], off: u64) -> Option<u32> {
-    field_i32(buf, off).map(|v| v as u32)
-}
-
 pub(crate) fn field_u8(buf: &[u8], off: u64) -> Option<u8> {
     buf.get(usize::try_from(off).ok()?).copied()
 }

@@ -38,12 +38,6 @@ use std::io;
 pub(crate) enum PyError {
     #[error("no python interpreter among the process's modules")]
     NotPython,
-    #[error("cannot read {path}")]
-    Open {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
     #[error("malformed elf file {path}: {what}")]
     Elf { path: String, what: String },
     #[error("{path} has a python runtime but no version could be found")]

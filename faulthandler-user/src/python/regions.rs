@@ -52,6 +52,7 @@ impl RegionMem {
             .max_by_key(|b| b.len())
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.regions.len()
     }

@@ -93,8 +93,6 @@ pub(crate) struct PyFrame {
 /// One thread state and its frames.
 #[derive(Debug)]
 pub(crate) struct PyThread {
-    /// Address of the `PyThreadState`.
-    pub tstate_addr: u64,
     /// `native_thread_id`: the tid in the target's PID namespace (3.11+).
     pub native_tid: Option<u32>,
     /// `thread_id`: the thread's pthread_t (its TCB address on glibc, i.e.
@@ -245,7 +243,6 @@ impl<'a> Walker<'a> {
         }
         let next = get(l.tstate_next).unwrap_or(0);
         let mut thread = PyThread {
-            tstate_addr: ts,
             native_tid: get(l.tstate_native_thread_id).and_then(|t| u32::try_from(t).ok()),
             pthread_id: get(l.tstate_thread_id),
             python_name: None,

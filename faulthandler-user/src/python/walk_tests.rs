@@ -64,9 +64,7 @@ fn target() -> PyTarget {
             hex: Some(0x030c01f0),
         },
         layout: static_layout(12).unwrap(),
-        free_threaded: false,
         code_type_addr: Some(CODE_TYPE),
-        module: "python3.12".into(),
     }
 }
 

@@ -170,6 +170,12 @@ pub enum UnwindError {
     NotCode,
     #[error("the stack pointer did not increase")]
     SpDidNotIncrease,
+    #[error(
+        "the unwind stopped in code outside the known mappings (a library loaded just before the capture?)"
+    )]
+    NoUnwindInfo,
+    #[error("a return address of 0 ended the unwind before the stack's end")]
+    ZeroReturn,
     #[error("the signal frame is past the captured copy")]
     BadSignalFrame,
     #[error("the interrupted instruction pointer is outside any executable mapping (not shown)")]

@@ -60,7 +60,18 @@ pub(super) fn walk(
                     steps.push((code.has_cfi)(lookup));
                     ra
                 }
-                Ok(_) => break,
+                // The end of the stack as CFI marks it (`_start`, a
+                // thread's start) or as a frame-pointer chain ends (a
+                // zero frame pointer). A zero return address, or an end
+                // in code no module holds, is not such an end.
+                Ok(ra) => {
+                    if ra == Some(0) {
+                        out.error = Some(UnwindError::ZeroReturn);
+                    } else if !(code.has_cfi)(lookup) && !code.is_code(lookup) {
+                        out.error = Some(UnwindError::NoUnwindInfo);
+                    }
+                    break;
+                }
                 Err(framehop::Error::CouldNotReadStack(a)) => {
                     // Only a read past the copy's top while still in code
                     // means "more stack existed"; anything else is junk.
