@@ -363,23 +363,32 @@ impl Tracker {
             .into_iter()
             .chain(self.exec_paths.get(&pid).cloned())
             .collect();
-        let mut dirs: Vec<&Path> = Vec::new();
-        for m in info.map(|p| p.modules.as_slice()).unwrap_or_default() {
-            if let Some(d) = Path::new(&m.name).parent()
-                && !dirs.contains(&d)
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let known = info.map(|p| p.modules.as_slice()).unwrap_or_default();
+        let paths = known.iter().map(|m| PathBuf::from(&m.name));
+        for p in out.clone().into_iter().chain(paths) {
+            if let Some(d) = p.parent()
+                && !dirs.iter().any(|k| k == d)
             {
-                dirs.push(d);
+                dirs.push(d.to_path_buf());
             }
         }
-        let py = info
-            .and_then(|p| p.python.as_ref()?.as_ref().ok())
-            .map(|t| format!("python{}.{}", t.version.major, t.version.minor));
         for d in dirs {
             out.push(d.join(name));
-            if let Some(py) = &py {
-                out.push(d.join(py).join("lib-dynload").join(name));
-                if let Some(up) = d.parent() {
-                    out.push(up.join("lib").join(py).join("lib-dynload").join(name));
+            // A CPython's extension modules: <prefix>/lib/python3.N/
+            // lib-dynload, beside libpython (<prefix>/lib) or the
+            // executable (<prefix>/bin).
+            let lib = if d.ends_with("lib") {
+                Some(d.clone())
+            } else {
+                d.parent().map(|up| up.join("lib"))
+            };
+            let Some(Ok(entries)) = lib.as_ref().map(fs::read_dir) else {
+                continue;
+            };
+            for e in entries.flatten().take(64) {
+                if e.file_name().to_string_lossy().starts_with("python3") {
+                    out.push(e.path().join("lib-dynload").join(name));
                 }
             }
         }

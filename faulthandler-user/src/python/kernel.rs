@@ -18,6 +18,16 @@ use super::walk::{PyFrame, Walker};
 
 /// The kernel's table entry for a process whose interpreter is `t`.
 pub(crate) fn py_proc(t: &PyTarget) -> Result<PyProc, PyError> {
+    py_proc_of(t).map_err(|e| match e {
+        PyError::KernelLayout(why) => PyError::KernelLayout(format!(
+            "{why} (python {}.{})",
+            t.version.major, t.version.minor
+        )),
+        e => e,
+    })
+}
+
+fn py_proc_of(t: &PyTarget) -> Result<PyProc, PyError> {
     let l = &t.layout;
     // Offsets the kernel reads at directly may be anything a struct
     // holds; those into a copied header must lie inside it.
