@@ -383,7 +383,11 @@ impl Tracker {
             } else {
                 d.parent().map(|up| up.join("lib"))
             };
-            let Some(Ok(entries)) = lib.as_ref().map(fs::read_dir) else {
+            let Some(lib) = lib else { continue };
+            if lib != d {
+                out.push(lib.join(name));
+            }
+            let Ok(entries) = fs::read_dir(&lib) else {
                 continue;
             };
             for e in entries.flatten().take(64) {

@@ -138,20 +138,37 @@ pub(super) fn elf_symbols(
     found
 }
 
+/// `path` is where the file is opened, `name` where the process had it.
 pub(super) fn file_info<'a>(
     files: &'a mut HashMap<FileStamp, FileInfo>,
     debug_dirs: &[PathBuf],
     path: &Path,
+    name: &str,
 ) -> &'a FileInfo {
     let Some(key) = procs::file_stamp(path) else {
         return &NO_INFO;
     };
     files
         .entry(key)
-        .or_insert_with(|| read_file_info(path, debug_dirs))
+        .or_insert_with(|| read_file_info(path, debug_dirs, name))
 }
 
-fn read_file_info(path: &Path, debug_dirs: &[PathBuf]) -> FileInfo {
+/// The debug directories of the system tree `name` lies in, when that is
+/// not ours: a process in a chroot or container maps
+/// `/srv/root/usr/bin/python3` (as we see it), whose debug files are in
+/// `/srv/root/usr/lib/debug`.
+fn tree_debug_dirs(name: &str) -> Vec<PathBuf> {
+    Path::new(name)
+        .ancestors()
+        .skip(1)
+        .filter(|a| a.parent().is_some())
+        .map(|a| a.join("usr/lib/debug"))
+        .filter(|d| d.join(".build-id").is_dir())
+        .take(1)
+        .collect()
+}
+
+fn read_file_info(path: &Path, debug_dirs: &[PathBuf], name: &str) -> FileInfo {
     let Ok(file) = File::open(path) else {
         return FileInfo::default();
     };
@@ -165,8 +182,14 @@ fn read_file_info(path: &Path, debug_dirs: &[PathBuf]) -> FileInfo {
         .iter()
         .any(|name| obj.section_by_name(name).is_some());
     let has_debuglink = matches!(obj.gnu_debuglink(), Ok(Some(_)));
+    // Only the file's own tree holds its debug file: blazesym, following
+    // the debuglink in our tree, would not find it.
+    let mut in_tree = false;
     let build_id_debug = build_id.as_deref().and_then(|id| {
-        let debug_file = find_build_id_file(debug_dirs, id)?;
+        let debug_file = find_build_id_file(debug_dirs, id).or_else(|| {
+            in_tree = true;
+            find_build_id_file(&tree_debug_dirs(name), id)
+        })?;
         let loads = obj
             .segments()
             .map(|seg| {
@@ -176,10 +199,11 @@ fn read_file_info(path: &Path, debug_dirs: &[PathBuf]) -> FileInfo {
             .collect();
         Some((debug_file, loads))
     });
+    let in_tree = in_tree && build_id_debug.is_some();
     FileInfo {
         build_id,
         build_id_debug,
-        own_debug: has_dwarf || has_debuglink,
+        own_debug: has_dwarf || (has_debuglink && !in_tree),
     }
 }
 

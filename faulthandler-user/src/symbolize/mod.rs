@@ -147,7 +147,12 @@ impl Symbolizer {
 
         for (m, idxs) in groups {
             let module = &modules[m];
-            let info = file_info(&mut self.files, &self.debug_dirs, &module.open_path);
+            let info = file_info(
+                &mut self.files,
+                &self.debug_dirs,
+                &module.open_path,
+                &module.name,
+            );
             self.opened.used(&module.open_path, info.debug_file());
             let build_id = module
                 .build_id
