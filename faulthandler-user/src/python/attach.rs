@@ -126,7 +126,8 @@ pub(crate) fn apply(thread: &mut Thread, py: Option<ThreadPython>, mode: StackMo
         }
         StackMode::Merged | StackMode::Native => {
             let native = std::mem::take(&mut thread.frames);
-            let merged = merge(native, py.frames, is_eval, |p: &PyFrame| p.is_entry);
+            let cut = thread.truncated || thread.error.is_some();
+            let merged = merge(native, py.frames, is_eval, |p: &PyFrame| p.is_entry, cut);
             if let Some(m) = merged.mismatch
                 && m.python_calls > 0
             {

@@ -56,18 +56,23 @@ pub(crate) fn is_eval_frame(function: &str) -> bool {
     base == "_PyEval_EvalFrameDefault"
 }
 
-/// Merges `native` and `python` (both innermost first).
+/// Merges `native` and `python` (both innermost first). `native_cut`:
+/// the native stack ends early (its copy was too short), so the oldest
+/// eval-loop calls may be missing from it: their Python frames then come
+/// after the native frames, where the rest of the native stack would be.
 pub(crate) fn merge<N, P>(
     native: Vec<N>,
     python: Vec<P>,
     is_eval: impl Fn(&N) -> bool,
     is_entry: impl Fn(&P) -> bool,
+    native_cut: bool,
 ) -> Merged<N, P> {
     let eval_frames = native.iter().filter(|n| is_eval(n)).count();
     let python_calls = python.iter().filter(|p| is_entry(p)).count();
     // Frames after the last entry frame belong to no call: a torn walk.
     let dangling = python.last().is_some_and(|p| !is_entry(p));
-    if eval_frames != python_calls || dangling {
+    let cut_short = native_cut && eval_frames < python_calls;
+    if (eval_frames != python_calls && !cut_short) || dangling {
         let mut frames: Vec<_> = native.into_iter().map(MergedFrame::Native).collect();
         frames.extend(python.into_iter().map(MergedFrame::Python));
         return Merged {
@@ -93,6 +98,8 @@ pub(crate) fn merge<N, P>(
             }
         }
     }
+    // The calls the cut native stack did not reach.
+    frames.extend(python.map(MergedFrame::Python));
     Merged {
         frames,
         mismatch: None,
@@ -114,6 +121,7 @@ mod tests {
             python.iter().map(|p| p.0).collect(),
             |n| is_eval_frame(n),
             |p| entries.contains(p),
+            false,
         )
     }
 
@@ -210,6 +218,29 @@ mod tests {
 
         // A walk that stopped before an entry frame.
         let m = merged(&["_PyEval_EvalFrameDefault"], &[("f", true), ("g", false)]);
+        assert!(m.mismatch.is_some());
+    }
+
+    #[test]
+    fn a_cut_native_stack_is_followed_by_the_calls_it_missed() {
+        let entries = ["f", "g", "h"];
+        let m = merge(
+            vec!["read", "_PyEval_EvalFrameDefault", "call"],
+            vec!["f", "g", "h"],
+            |n| is_eval_frame(n),
+            |p| entries.contains(p),
+            true,
+        );
+        assert_eq!(m.mismatch, None);
+        assert_eq!(names(&m), ["read", "py:f", "call", "py:g", "py:h"]);
+        // More eval frames than Python calls is no cut: unmerged.
+        let m = merge(
+            vec!["_PyEval_EvalFrameDefault", "_PyEval_EvalFrameDefault"],
+            vec!["f"],
+            |n| is_eval_frame(n),
+            |p| entries.contains(p),
+            true,
+        );
         assert!(m.mismatch.is_some());
     }
 
