@@ -26,6 +26,52 @@ pub(crate) use self::files::{FileStamp, file_stamp, parse_maps_line};
 use self::files::{MAX_OPEN_FILES, OpenFile, find_by_identity, strip_deleted};
 use crate::{decode::c_str, modules::Module};
 
+/// The process (thread group) a thread id belongs to, from
+/// /proc/TID/status (which exists for every thread, listed or not).
+pub fn tgid_of(tid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `root` and every process descended from it, from the parent links in
+/// /proc (one pass, then children found level by level).
+pub fn tree(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        out.extend(
+            parents
+                .iter()
+                .filter(|&&(_, pp)| pp == parent)
+                .map(|&(p, _)| p),
+        );
+        i += 1;
+    }
+    out
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct ProcInfo {
     pub pid: u32,
@@ -335,6 +381,34 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tree_and_threads() {
+        let own = std::process::id();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let t = tree(own);
+        assert_eq!(t[0], own);
+        assert!(t.contains(&child.id()), "{t:?}");
+        let _ = child.kill();
+        let _ = child.wait();
+        // A thread id names its process.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        assert_ne!(tid, own);
+        assert_eq!(tgid_of(tid), Some(own));
+        done_tx.send(()).unwrap();
+        h.join().unwrap();
+        assert_eq!(tgid_of(own), Some(own));
+    }
 
     #[test]
     fn tracks_itself() {
