@@ -83,6 +83,9 @@ pub struct CaptureOptions {
 
 pub struct Capture {
     ebpf: Ebpf,
+    /// Kernel-side diagnostics (aya-log), only with RUST_LOG at debug or
+    /// trace: off, the programs' log sites cost a load and a compare.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     events: RingBuf<MapData>,
     /// Per-CPU profiling events, kept for as long as profiling runs.
     profiling: Vec<PerfEventLinkId>,
@@ -114,13 +117,18 @@ impl Capture {
         let kernel_btf = opts
             .dumps
             .then(|| std::thread::spawn(aya::Btf::from_sys_fs));
-        let mut ebpf = EbpfLoader::new().btf(None).load(OBJECT).map_err(|e| {
-            if is_permission_error(&e) {
-                CaptureError::NotPermitted(e)
-            } else {
-                CaptureError::Load(e)
-            }
-        })?;
+        let level = kernel_log_level();
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .override_global(aya_log::LEVEL, &level, false)
+            .load(OBJECT)
+            .map_err(|e| {
+                if is_permission_error(&e) {
+                    CaptureError::NotPermitted(e)
+                } else {
+                    CaptureError::Load(e)
+                }
+            })?;
         for name in TRACEPOINTS.iter().copied().filter(|_| opts.watch) {
             let prog: &mut RawTracePoint = program(&mut ebpf, name)?;
             prog.load().map_err(program_error(name))?;
@@ -154,8 +162,14 @@ impl Capture {
         let mut cfg: Array<_, Config> =
             Array::try_from(map(&mut ebpf, "CONFIG")?).map_err(map_error("CONFIG"))?;
         cfg.set(0, config, 0).map_err(map_error("CONFIG"))?;
+        let logger = if level > 0 {
+            aya_log::EbpfLogger::init_with_logger(&mut ebpf, log::logger()).ok()
+        } else {
+            None
+        };
         Ok(Self {
             ebpf,
+            logger,
             events,
             profiling: Vec::new(),
         })
@@ -248,6 +262,13 @@ impl Capture {
         Ok(())
     }
 
+    /// Hands the kernel side's log lines, if any, to the logger.
+    pub fn flush_log(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
     /// The drop counters by cause (`CNT_*`), summed over CPUs, as running
     /// totals since the programs were loaded.
     pub fn drops(&mut self) -> Result<[u64; COUNTERS as usize], CaptureError> {
@@ -335,6 +356,17 @@ fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, CaptureError> {
     ebpf.map_mut(name).ok_or(CaptureError::MissingMap(name))
+}
+
+/// The aya-log level the programs log at: what RUST_LOG asks for, if it
+/// asks for debug or trace (the kernel side has nothing at other levels
+/// worth its ring), else 0, off.
+fn kernel_log_level() -> u8 {
+    match log::max_level() {
+        log::LevelFilter::Trace => aya_log::Level::Trace as u8,
+        log::LevelFilter::Debug => aya_log::Level::Debug as u8,
+        _ => 0,
+    }
 }
 
 /// The inode number of rfh-trace's PID namespace, or 0 for the host's

@@ -125,6 +125,7 @@ impl Watcher {
             self.output(out);
         }
         self.read_drops();
+        self.capture.flush_log();
         if let Some(lost) = self.losses.take_record(now, force_loss_record) {
             let time = rfc3339(clock_ns(libc::CLOCK_REALTIME).max(0) as u128);
             let record = LossRecord::new(time, self.host.clone(), lost.clone());
