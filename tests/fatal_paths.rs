@@ -180,6 +180,7 @@ fn watch_and_signal(target: &mut std::process::Child, extra: &[&str], sig: i32) 
             .args(["--pid", &target.id().to_string()])
             .stderr(Stdio::inherit()),
     );
+    // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(target.id() as i32, sig) };
     let _ = target.wait();
     let status = tracer.wait().unwrap();
@@ -188,8 +189,8 @@ fn watch_and_signal(target: &mut std::process::Child, extra: &[&str], sig: i32) 
         Some(0),
         "rfh-trace ends when its only process has gone"
     );
-    let reports = read_reports(&out);
-    reports
+
+    read_reports(&out)
 }
 
 #[test]

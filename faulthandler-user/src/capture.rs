@@ -110,6 +110,7 @@ impl Capture {
             rlim_cur: libc::RLIM_INFINITY,
             rlim_max: libc::RLIM_INFINITY,
         };
+        // SAFETY: a valid rlimit; failure is harmless (see above).
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 
         // Kernel BTF is only for the task iterator's attach target (the
@@ -306,6 +307,7 @@ impl Capture {
             events: libc::POLLIN,
             revents: 0,
         };
+        // SAFETY: one valid pollfd on our ring buffer's descriptor.
         let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
@@ -332,7 +334,7 @@ fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> 
         let text = e.to_string();
         let mut lines = text.lines().filter(|l| !l.trim().is_empty());
         let first = lines.next().unwrap_or_default().to_string();
-        let summary = match lines.last() {
+        let summary = match lines.next_back() {
             Some(last) if first.len() < 200 => format!("{first} … {last}"),
             _ => first.chars().take(300).collect(),
         };

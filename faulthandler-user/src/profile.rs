@@ -555,6 +555,7 @@ mod tests {
 
         let fifo = dir.path().join("fifo");
         let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         // No reader: fails at once instead of hanging.
         assert!(p.write_flamegraph(&fifo, "t").is_err());

@@ -64,6 +64,7 @@ pub enum RunError {
 /// CAP_BPF (39) for the probes and CAP_CHECKPOINT_RESTORE (40) for
 /// /proc/PID/map_files.
 fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
@@ -160,6 +161,8 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
         w.capture.start_profiling(PROFILE_HZ)?;
         w.keep_profiles();
     }
+    // SAFETY: the handlers only store to an atomic, which is
+    // async-signal-safe.
     unsafe {
         libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
@@ -347,6 +350,7 @@ fn watch_loop(w: &mut Watcher, mut mode: Mode, mut timer: Option<Timer>) -> Resu
                 } else {
                     libc::WNOHANG
                 };
+                // SAFETY: a valid out-pointer; waits for our own child.
                 if unsafe { libc::waitpid(*child, &mut status, flags) } == *child {
                     break Some(status);
                 }
@@ -355,6 +359,7 @@ fn watch_loop(w: &mut Watcher, mut mode: Mode, mut timer: Option<Timer>) -> Resu
                 STOP.store(false, Ordering::Relaxed);
             }
             Mode::Pids(alive) => {
+                // SAFETY: kill(2) with signal 0 only checks the pid exists.
                 alive.retain(|p| !exited.contains(p) && unsafe { libc::kill(*p as i32, 0) } == 0);
                 if alive.is_empty() || stop_requested() {
                     break None;

@@ -79,7 +79,7 @@ pub struct Stats {
 impl Job {
     /// What the job holds in memory, roughly: its stack copies and records.
     fn bytes(&self) -> usize {
-        const RECORD: usize = std::mem::size_of::<SignalCapture>();
+        const RECORD: usize = size_of::<SignalCapture>();
         let thread = |t: &ThreadJob| RECORD + t.cap.stack.len();
         match self {
             Job::Report(r) => r.threads.iter().map(thread).sum(),

@@ -361,7 +361,7 @@ mod tests {
     }
 
     /// Files under `dir` this process holds open or mapped.
-    fn held_under(dir: &std::path::Path) -> std::collections::BTreeSet<PathBuf> {
+    fn held_under(dir: &Path) -> std::collections::BTreeSet<PathBuf> {
         let fds = std::fs::read_dir("/proc/self/fd").unwrap();
         let mut held: std::collections::BTreeSet<PathBuf> = fds
             .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
