@@ -176,10 +176,11 @@ impl Tracker {
     fn release_deleted(&mut self, keys: &[(u64, u64)]) {
         for key in keys {
             let deleted = self.files.get(key).is_some_and(|f| f.deleted());
-            if deleted && !self.procs.values().any(|p| p.file_keys.contains(key)) {
-                if let Some(f) = self.files.remove(key) {
-                    self.released.push(f.open_path());
-                }
+            if deleted
+                && !self.procs.values().any(|p| p.file_keys.contains(key))
+                && let Some(f) = self.files.remove(key)
+            {
+                self.released.push(f.open_path());
             }
         }
     }
