@@ -169,6 +169,7 @@ impl Profile {
         }
     }
 
+    #[cfg(test)]
     /// Samples added since creation or the last [`clear`](Self::clear).
     pub fn samples(&self) -> u64 {
         self.samples
@@ -178,6 +179,7 @@ impl Profile {
         self.samples == 0
     }
 
+    #[cfg(test)]
     pub fn clear(&mut self) {
         self.samples = 0;
         self.stacks.clear();
@@ -190,6 +192,7 @@ impl Profile {
         v
     }
 
+    #[cfg(test)]
     /// The `top` most frequent stacks, as (count, frames innermost-first
     /// names). Names are function names (inlined ones included), or
     /// `?? (module)` for frames without a symbol.

@@ -219,7 +219,7 @@ pub(super) fn find_by_identity<'a>(
 /// GNU build-id from the ELF's PT_NOTE segments, reading only the header,
 /// the program headers and the notes, never the whole file. Takes `&File`
 /// or `&mut File` alike.
-pub fn build_id(file: impl Read + Seek) -> Option<Vec<u8>> {
+pub(crate) fn build_id(file: impl Read + Seek) -> Option<Vec<u8>> {
     let data = ReadCache::new(file);
     let header = FileHeader64::<Endianness>::parse(&data).ok()?;
     crate::modules::elf_build_id(header, header.endian().ok()?, &data)

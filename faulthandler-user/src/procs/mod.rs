@@ -20,7 +20,8 @@ use std::{
 use faulthandler_common::Vma;
 
 pub use self::container::container_id;
-pub use self::files::build_id;
+#[cfg(test)]
+pub(crate) use self::files::build_id;
 pub(crate) use self::files::{FileStamp, file_stamp, parse_maps_line};
 use self::files::{MAX_OPEN_FILES, OpenFile, find_by_identity, strip_deleted};
 use crate::{decode::c_str, modules::Module};
