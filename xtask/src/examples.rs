@@ -1,0 +1,554 @@
+//! `cargo xtask examples`: the report examples in docs/examples/, made by
+//! running the release rfh-trace on programs from tests/programs/.
+//!
+//! What differs between machines and runs is redacted, so that running
+//! this again gives the same files on any host: pids and tids (numbered
+//! from 4242 in order of appearance in each file), times, the host name,
+//! uid and cgroup, the build and workspace directories (`/path/to`), GNU
+//! build-ids, CPU sample counts, and every address above 4 GiB (`0x55…`
+//! for the executable's range, `0x7f…` for libraries and stacks), whose
+//! value depends on ASLR. Offsets within functions and modules are kept.
+//!
+//! Markdown files (README.md, docs/*.md) can show an example inline: the
+//! fenced block between `<!-- example: NAME -->` and `<!-- /example -->`
+//! is rewritten with docs/examples/NAME.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use regex::{Captures, Regex};
+use serde_json::Value;
+
+use crate::util::{self, cmd, display, is_root};
+
+/// Compiler flags for every example program, as the tests build them.
+const CFLAGS: &[&str] = &["-g", "-O2", "-pthread"];
+const TIME: &str = "2026-01-01T00:00:00.000000Z";
+const HOST: &str = "my-host";
+const UID: u64 = 1000;
+const CGROUP: &str = "/user.slice/user-1000.slice/session-1.scope";
+const FIRST_PID: u64 = 4242;
+/// 128 + SIGSEGV: rfh-trace passes on COMMAND's death by signal.
+const SEGV_STATUS: i32 = 139;
+/// timeout(1)'s status, which `--timeout ... --exit` gives.
+const TIMED_OUT: i32 = 124;
+
+/// How an example is made.
+enum How {
+    /// `rfh-trace ARGS -- PROGRAM`, which must exit with this status.
+    Command(&'static [&'static str], i32),
+    /// `rfh-trace dump PID ARGS` of the running program.
+    Dump(&'static [&'static str], Started),
+    /// `rfh-trace --on-signal SIGUSR1 --pid PID`, then `kill -USR1 PID`.
+    OnSignal,
+}
+
+/// docs/examples/NAME, the program from tests/programs, and how.
+const EXAMPLES: &[(&str, &str, How)] = &[
+    ("crash.txt", "threads.c", How::Command(&[], SEGV_STATUS)),
+    (
+        "crash.json",
+        "threads.c",
+        How::Command(&["--format", "json"], SEGV_STATUS),
+    ),
+    ("reraise.txt", "reraise.c", How::Command(&[], SEGV_STATUS)),
+    (
+        "null-call.txt",
+        "null_call.c",
+        How::Command(&[], SEGV_STATUS),
+    ),
+    (
+        "stack-overflow.txt",
+        "overflow.c",
+        How::Command(&["--max-frames", "6"], SEGV_STATUS),
+    ),
+    (
+        "hostile-names.txt",
+        "hostile_name.c",
+        How::Command(&[], SEGV_STATUS),
+    ),
+    (
+        "timeout.txt",
+        "busy.c",
+        How::Command(&["--timeout", "1s", "--exit"], TIMED_OUT),
+    ),
+    (
+        "dump.txt",
+        "deadlock.c",
+        How::Dump(&[], Started::Threads(&["ab", "ba"])),
+    ),
+    (
+        "dump.json",
+        "deadlock.c",
+        How::Dump(&["--format", "json"], Started::Threads(&["ab", "ba"])),
+    ),
+    (
+        "signal-frame.txt",
+        "in_handler.c",
+        How::Dump(&[], Started::ReadyLine),
+    ),
+    ("on-signal.txt", "reload.c", How::OnSignal),
+];
+
+pub fn examples() -> Result<()> {
+    crate::setup::setup(false)?;
+    let bin = crate::build(true)?;
+    let root = util::workspace_root();
+    let work = util::target_dir().join("examples");
+    if work.exists() {
+        fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    }
+    fs::create_dir_all(&work)?;
+    let docs = root.join("docs").join("examples");
+    fs::create_dir_all(&docs)?;
+    let g = Gen {
+        bin,
+        work: work.clone(),
+        redact: Redact::new(&work, &root)?,
+    };
+    let mut made = Vec::new();
+    for &(name, source, ref how) in EXAMPLES {
+        let text = match how {
+            How::Command(args, status) => g.command(name, source, args, *status)?,
+            How::Dump(args, started) => g.dump(name, source, args, started)?,
+            How::OnSignal => g.on_signal(name, source)?,
+        };
+        made.push((name, text));
+    }
+    for (name, text) in &made {
+        let path = docs.join(name);
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("examples: wrote {}", path.display());
+    }
+    let mut pages = vec![root.join("README.md")];
+    if let Ok(dir) = fs::read_dir(root.join("docs")) {
+        pages.extend(
+            dir.filter_map(|e| Some(e.ok()?.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "md")),
+        );
+    }
+    pages.sort();
+    for page in pages {
+        embed(&page, &made)?;
+    }
+    Ok(())
+}
+
+/// How a program says it is ready to be dumped.
+enum Started {
+    /// It prints "ready" on stdout.
+    ReadyLine,
+    /// Threads with these names exist (and have had a moment to block).
+    Threads(&'static [&'static str]),
+}
+
+struct Gen {
+    bin: PathBuf,
+    work: PathBuf,
+    redact: Redact,
+}
+
+impl Gen {
+    /// Compiles tests/programs/`source` into the work directory.
+    fn compile(&self, source: &str) -> Result<PathBuf> {
+        let src = util::workspace_root()
+            .join("tests")
+            .join("programs")
+            .join(source);
+        let stem = Path::new(source)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .context("program name")?;
+        let exe = self.work.join(stem);
+        let mut cc = cmd("cc");
+        cc.args(CFLAGS).arg(&src).arg("-o").arg(&exe);
+        util::output(&mut cc)?;
+        Ok(exe)
+    }
+
+    /// rfh-trace itself, through `sudo -E` when not root (as
+    /// `cargo xtask run` does): COMMAND then runs as the invoking user.
+    fn rfh(&self) -> Command {
+        let mut c = if is_root() {
+            cmd(&self.bin.to_string_lossy())
+        } else {
+            let mut sudo = cmd("sudo");
+            sudo.arg("-E").arg(&self.bin);
+            sudo
+        };
+        c.current_dir(&self.work).env("NO_COLOR", "1");
+        c
+    }
+
+    fn format_of(name: &str) -> Format {
+        if name.ends_with(".json") {
+            Format::Json
+        } else {
+            Format::Text
+        }
+    }
+
+    /// `rfh-trace ARGS --output FILE -- PROGRAM`, expecting `status`.
+    fn command(&self, name: &str, source: &str, args: &[&str], status: i32) -> Result<String> {
+        let exe = self.compile(source)?;
+        let out = self.work.join(format!("{name}.out"));
+        let mut c = self.rfh();
+        c.args(args).arg("--output").arg(&out).arg("--").arg(&exe);
+        let run = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .with_context(|| format!("running {}", display(&c)))?;
+        ensure!(
+            run.status.code() == Some(status),
+            "`{}` exited with {} instead of {status}: {}",
+            display(&c),
+            run.status,
+            String::from_utf8_lossy(&run.stderr).trim()
+        );
+        let raw = fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+        let text = self.redact.report(&raw, Self::format_of(name))?;
+        // A timeout dump catches a busy thread at whichever instruction of
+        // its loop it was running.
+        let text = if args.contains(&"--timeout") {
+            self.redact.innermost_offsets(&text)
+        } else {
+            text
+        };
+        Ok(text)
+    }
+
+    /// `rfh-trace dump PID` of a program started here, once it is ready.
+    fn dump(&self, name: &str, source: &str, args: &[&str], started: &Started) -> Result<String> {
+        let exe = self.compile(source)?;
+        let mut program = Running(
+            Command::new(&exe)
+                .stdout(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("starting {}", exe.display()))?,
+        );
+        let pid = program.0.id();
+        match started {
+            Started::ReadyLine => {
+                let line = first_line(program.0.stdout.take())?;
+                ensure!(line == "ready", "{source} printed {line:?}, not \"ready\"");
+            }
+            Started::Threads(names) => wait_for_threads(pid, names)?,
+        }
+        let mut c = self.rfh();
+        c.arg("dump").arg(pid.to_string()).args(args);
+        let run = c
+            .output()
+            .with_context(|| format!("running {}", display(&c)))?;
+        ensure!(
+            run.status.success(),
+            "`{}` failed ({}): {}",
+            display(&c),
+            run.status,
+            String::from_utf8_lossy(&run.stderr).trim()
+        );
+        drop(program);
+        let raw = String::from_utf8_lossy(&run.stdout);
+        self.redact.report(&raw, Self::format_of(name))
+    }
+
+    /// `rfh-trace --on-signal SIGUSR1 --pid PID`, then SIGUSR1 to PID.
+    fn on_signal(&self, name: &str, source: &str) -> Result<String> {
+        let exe = self.compile(source)?;
+        let mut program = Running(
+            Command::new(&exe)
+                .stdout(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("starting {}", exe.display()))?,
+        );
+        let pid = program.0.id();
+        let mut lines = BufReader::new(program.0.stdout.take().context("program stdout")?).lines();
+        let mut next_line =
+            || -> Result<String> { Ok(lines.next().context("the program closed its stdout")??) };
+        ensure!(next_line()? == "ready", "{source} did not print \"ready\"");
+        let out = self.work.join(format!("{name}.out"));
+        let mut c = self.rfh();
+        // Reports go to the file; stdout carries only READY=1 (sudo passes
+        // on descriptors 0-2 alone).
+        c.args(["--on-signal", "SIGUSR1", "--ready-fd", "1", "--output"])
+            .arg(&out)
+            .args(["--pid", &pid.to_string()])
+            .stdout(Stdio::piped());
+        let mut tracer = Running(
+            c.spawn()
+                .with_context(|| format!("running {}", display(&c)))?,
+        );
+        let mut ready = [0u8; 8];
+        tracer
+            .0
+            .stdout
+            .take()
+            .context("rfh-trace stdout")?
+            .read_exact(&mut ready)
+            .context("rfh-trace exited before it was ready")?;
+        ensure!(&ready == b"READY=1\n", "rfh-trace wrote {ready:?}");
+        util::output(Command::new("kill").args(["-USR1", &pid.to_string()]))?;
+        ensure!(next_line()? == "reloaded 1", "{source} did not reload");
+        wait_until(Duration::from_secs(20), || {
+            fs::metadata(&out).is_ok_and(|m| m.len() > 0)
+        })
+        .context("no report was written")?;
+        // The watched process ends; then so does rfh-trace, with status 0.
+        drop(program);
+        let status = tracer.0.wait()?;
+        ensure!(status.success(), "`{}` exited with {status}", display(&c));
+        let raw = fs::read_to_string(&out)?;
+        self.redact.report(&raw, Format::Text)
+    }
+}
+
+/// A child that is killed and reaped when dropped, whatever happened.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn first_line(stdout: Option<ChildStdout>) -> Result<String> {
+    let mut line = String::new();
+    BufReader::new(stdout.context("program stdout")?).read_line(&mut line)?;
+    Ok(line.trim().to_string())
+}
+
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
+    let end = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > end {
+            bail!("gave up after {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Waits for threads named `names` in process `pid`, then a little more,
+/// so that they have reached the point where they block.
+fn wait_for_threads(pid: u32, names: &[&str]) -> Result<()> {
+    let task = PathBuf::from(format!("/proc/{pid}/task"));
+    wait_until(Duration::from_secs(20), || {
+        let comms: Vec<String> = fs::read_dir(&task)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| fs::read_to_string(e.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim().to_string())
+            .collect();
+        names.iter().all(|n| comms.iter().any(|c| c == n))
+    })
+    .with_context(|| format!("waiting for threads {names:?} of pid {pid}"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Format {
+    Text,
+    Json,
+}
+
+/// Rewrites what differs between machines and runs (see the module comment).
+struct Redact {
+    /// (found, shown instead), longest first.
+    paths: Vec<(String, String)>,
+    host: String,
+    time: Regex,
+    process: Regex,
+    ids: Regex,
+    addr: Regex,
+    samples: Regex,
+    sample_count: Regex,
+    innermost: Regex,
+}
+
+impl Redact {
+    fn new(work: &Path, root: &Path) -> Result<Self> {
+        let host = fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let mut paths = Vec::new();
+        for (p, shown) in [(work, "/path/to"), (root, "/path/to/rfh-trace")] {
+            for form in [p.to_path_buf(), canon(p)] {
+                paths.push((form.to_string_lossy().into_owned(), shown.to_string()));
+            }
+        }
+        paths.sort_by_key(|(found, _)| std::cmp::Reverse(found.len()));
+        paths.dedup();
+        Ok(Self {
+            paths,
+            host,
+            time: Regex::new(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d+Z")?,
+            process: Regex::new(r"Process (\d+)")?,
+            ids: Regex::new(r"\b(Process|[Tt]hread|pid|tid) (\d+)\b")?,
+            addr: Regex::new(r"( {2,})?\b0x([0-9a-f]{9,})\b")?,
+            samples: Regex::new(r"CPU profile \(\d+ samples?\)")?,
+            sample_count: Regex::new(r"%  \(\d+\) ")?,
+            innermost: Regex::new(r"(\(most recent call first\):\n +\S+ in \S+?)\+0x[0-9a-f]+ ")?,
+        })
+    }
+
+    fn report(&self, raw: &str, format: Format) -> Result<String> {
+        ensure!(!raw.trim().is_empty(), "rfh-trace wrote no report");
+        match format {
+            Format::Text => Ok(self.text(raw)),
+            Format::Json => {
+                let mut out = String::new();
+                for line in raw.lines().filter(|l| !l.trim().is_empty()) {
+                    let mut v: Value = serde_json::from_str(line)
+                        .with_context(|| format!("a report line is not JSON: {line}"))?;
+                    let mut pids = Pids::default();
+                    if let Some(p) = v.pointer("/process/pid").and_then(Value::as_u64) {
+                        pids.map(p);
+                    }
+                    self.json(None, &mut v, &mut pids);
+                    out.push_str(&serde_json::to_string_pretty(&v)?);
+                    out.push('\n');
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    fn paths(&self, s: &str) -> String {
+        let mut s = s.to_string();
+        for (found, shown) in &self.paths {
+            s = s.replace(found.as_str(), shown);
+        }
+        s
+    }
+
+    fn text(&self, raw: &str) -> String {
+        let mut pids = Pids::default();
+        for c in self.process.captures_iter(raw) {
+            pids.map(c[1].parse().unwrap_or(0));
+        }
+        let s = self.paths(raw);
+        let host = format!(" on {} at ", self.host);
+        let s = s.replace(&host, &format!(" on {HOST} at "));
+        let s = self.time.replace_all(&s, TIME);
+        let s = self.ids.replace_all(&s, |c: &Captures| {
+            format!("{} {}", &c[1], pids.map(c[2].parse().unwrap_or(0)))
+        });
+        let s = self.addr.replace_all(&s, |c: &Captures| {
+            let shown = redact_addr(&c[2]);
+            match c.get(1) {
+                // Right-aligned in a column: keep the column.
+                Some(pad) => {
+                    let width = pad.as_str().len() + 2 + c[2].len();
+                    format!("{shown:>width$}")
+                }
+                None => shown.to_string(),
+            }
+        });
+        let s = self.samples.replace_all(&s, "CPU profile (N samples)");
+        self.sample_count.replace_all(&s, "%  (N) ").into_owned()
+    }
+
+    /// The offset in each thread's innermost function, as `+0x…`.
+    fn innermost_offsets(&self, text: &str) -> String {
+        self.innermost.replace_all(text, "${1}+0x… ").into_owned()
+    }
+
+    fn json(&self, key: Option<&str>, v: &mut Value, pids: &mut Pids) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    self.json(Some(k), x, pids);
+                }
+            }
+            Value::Array(items) => {
+                for x in items {
+                    self.json(key, x, pids);
+                }
+            }
+            Value::String(s) => {
+                *s = match key {
+                    Some("time") => TIME.to_string(),
+                    Some("host") => HOST.to_string(),
+                    Some("cgroup") => CGROUP.to_string(),
+                    Some("build_id") => "<build-id>".to_string(),
+                    Some("address") => match s.strip_prefix("0x") {
+                        Some(hex) if hex.len() >= 9 => redact_addr(hex).to_string(),
+                        _ => s.clone(),
+                    },
+                    _ => self.paths(s),
+                };
+            }
+            Value::Number(n) => match (key, n.as_u64()) {
+                (Some("pid" | "tid" | "sender_pid" | "ns_pid" | "ns_tid"), Some(id)) => {
+                    *v = Value::from(pids.map(id));
+                }
+                (Some("uid"), Some(_)) => *v = Value::from(UID),
+                _ => {}
+            },
+            Value::Null | Value::Bool(_) => {}
+        }
+    }
+}
+
+/// What an address above 4 GiB is shown as: its region, not its value.
+fn redact_addr(hex: &str) -> &'static str {
+    let v = u64::from_str_radix(hex, 16).unwrap_or(0);
+    if v >= 0x7e00_0000_0000 {
+        "0x7f…"
+    } else if (0x5500_0000_0000..0x5700_0000_0000).contains(&v) {
+        "0x55…"
+    } else {
+        "0x…"
+    }
+}
+
+/// Real pids and tids to example ones, in order of first appearance.
+#[derive(Default)]
+struct Pids(HashMap<u64, u64>);
+
+impl Pids {
+    fn map(&mut self, id: u64) -> u64 {
+        let next = FIRST_PID + self.0.len() as u64;
+        *self.0.entry(id).or_insert(next)
+    }
+}
+
+/// Rewrites the fenced block after each `<!-- example: NAME -->` in `page`
+/// with the example of that name.
+fn embed(page: &Path, made: &[(&str, String)]) -> Result<()> {
+    let Ok(text) = fs::read_to_string(page) else {
+        return Ok(());
+    };
+    let block = Regex::new(r"(?s)<!-- example: (\S+) -->\n```(\w*)\n.*?```\n<!-- /example -->")?;
+    let mut missing = Vec::new();
+    let new = block.replace_all(&text, |c: &Captures| {
+        match made.iter().find(|(n, _)| *n == &c[1]) {
+            Some((name, body)) => format!(
+                "<!-- example: {name} -->\n```{}\n{body}```\n<!-- /example -->",
+                &c[2]
+            ),
+            None => {
+                missing.push(c[1].to_string());
+                c[0].to_string()
+            }
+        }
+    });
+    ensure!(
+        missing.is_empty(),
+        "{} shows examples that are not generated: {missing:?}",
+        page.display()
+    );
+    if new != text {
+        fs::write(page, new.as_bytes())?;
+        eprintln!("examples: updated {}", page.display());
+    }
+    Ok(())
+}
