@@ -222,6 +222,8 @@ impl Gen {
     fn command(&self, name: &str, source: &str, args: &[&str], status: i32) -> Result<String> {
         let exe = self.compile(source)?;
         let out = self.work.join(format!("{name}.out"));
+        // rfh-trace appends; a rerun must start from nothing.
+        remove(&out)?;
         let mut c = self.rfh();
         c.args(args).arg("--output").arg(&out).arg("--").arg(&exe);
         let run = c
@@ -297,6 +299,7 @@ impl Gen {
             || -> Result<String> { Ok(lines.next().context("the program closed its stdout")??) };
         ensure!(next_line()? == "ready", "{source} did not print \"ready\"");
         let out = self.work.join(format!("{name}.out"));
+        remove(&out)?;
         let mut c = self.rfh();
         // Reports go to the file; stdout carries only READY=1 (sudo passes
         // on descriptors 0-2 alone).
@@ -339,6 +342,15 @@ impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+fn remove(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
     }
 }
 
