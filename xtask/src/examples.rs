@@ -1,22 +1,14 @@
 //! `cargo xtask examples`: the report examples in docs/examples/, made by
-//! running the release rfh-trace on programs from tests/programs/.
-//!
-//! What differs between machines and runs is redacted, so that running
-//! this again gives the same files on any host: pids and tids (numbered
-//! from 4242 in order of appearance in each file), times, the host name,
-//! uid and cgroup, the build and workspace directories (`/path/to`), GNU
-//! build-ids, CPU sample counts, and every address above 4 GiB (`0x55…`
-//! for the executable's range, `0x7f…` for libraries and stacks), whose
-//! value depends on ASLR. Offsets within functions and modules are kept.
-//! Libraries under /lib/x86_64-linux-gnu are shown under /usr/lib: on a
-//! merged-/usr system that is one directory, and which name a report
-//! gives depends on whether rfh-trace read /proc before the process died.
+//! running the release rfh-trace on programs from tests/programs/ and
+//! redacting what differs between machines and runs (see `redact`), so
+//! that running this again gives the same files on any host.
 //!
 //! Markdown files (README.md, docs/*.md) can show an example inline: the
 //! fenced block between `<!-- example: NAME -->` and `<!-- /example -->`
 //! is rewritten with docs/examples/NAME.
 
-use std::collections::HashMap;
+mod redact;
+
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -25,17 +17,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use regex::{Captures, Regex};
-use serde_json::Value;
 
+use self::redact::{Format, Redact};
 use crate::util::{self, cmd, display, is_root};
 
 /// Compiler flags for every example program, as the tests build them.
 const CFLAGS: &[&str] = &["-g", "-O2", "-pthread"];
-const TIME: &str = "2026-01-01T00:00:00.000000Z";
-const HOST: &str = "my-host";
-const UID: u64 = 1000;
-const CGROUP: &str = "/user.slice/user-1000.slice/session-1.scope";
-const FIRST_PID: u64 = 4242;
 /// 128 + SIGSEGV: rfh-trace passes on COMMAND's death by signal.
 const SEGV_STATUS: i32 = 139;
 /// timeout(1)'s status, which `--timeout ... --exit` gives.
@@ -387,181 +374,6 @@ fn wait_for_threads(pid: u32, names: &[&str]) -> Result<()> {
     .with_context(|| format!("waiting for threads {names:?} of pid {pid}"))?;
     std::thread::sleep(Duration::from_millis(300));
     Ok(())
-}
-
-#[derive(Clone, Copy)]
-enum Format {
-    Text,
-    Json,
-}
-
-/// Rewrites what differs between machines and runs (see the module comment).
-struct Redact {
-    /// (found, shown instead), longest first.
-    paths: Vec<(String, String)>,
-    host: String,
-    time: Regex,
-    process: Regex,
-    ids: Regex,
-    addr: Regex,
-    samples: Regex,
-    sample_count: Regex,
-    innermost: Regex,
-}
-
-impl Redact {
-    fn new(work: &Path, root: &Path) -> Result<Self> {
-        let host = fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default();
-        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-        let mut paths = Vec::new();
-        for (p, shown) in [(work, "/path/to"), (root, "/path/to/rfh-trace")] {
-            for form in [p.to_path_buf(), canon(p)] {
-                paths.push((form.to_string_lossy().into_owned(), shown.to_string()));
-            }
-        }
-        paths.sort_by_key(|(found, _)| std::cmp::Reverse(found.len()));
-        paths.dedup();
-        Ok(Self {
-            paths,
-            host,
-            time: Regex::new(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d+Z")?,
-            process: Regex::new(r"Process (\d+)")?,
-            ids: Regex::new(r"\b(Process|[Tt]hread|pid|tid) (\d+)\b")?,
-            addr: Regex::new(r"( {2,})?\b0x([0-9a-f]{9,})\b")?,
-            samples: Regex::new(r"CPU profile \(\d+ samples?\)")?,
-            sample_count: Regex::new(r"%  \(\d+\) ")?,
-            innermost: Regex::new(r"(\(most recent call first\):\n +\S+ in \S+?)\+0x[0-9a-f]+ ")?,
-        })
-    }
-
-    fn report(&self, raw: &str, format: Format) -> Result<String> {
-        ensure!(!raw.trim().is_empty(), "rfh-trace wrote no report");
-        match format {
-            Format::Text => Ok(self.text(raw)),
-            Format::Json => {
-                let mut out = String::new();
-                for line in raw.lines().filter(|l| !l.trim().is_empty()) {
-                    let mut v: Value = serde_json::from_str(line)
-                        .with_context(|| format!("a report line is not JSON: {line}"))?;
-                    let mut pids = Pids::default();
-                    if let Some(p) = v.pointer("/process/pid").and_then(Value::as_u64) {
-                        pids.map(p);
-                    }
-                    self.json(None, &mut v, &mut pids);
-                    out.push_str(&serde_json::to_string_pretty(&v)?);
-                    out.push('\n');
-                }
-                Ok(out)
-            }
-        }
-    }
-
-    fn paths(&self, s: &str) -> String {
-        const LIB: &str = "/lib/x86_64-linux-gnu/";
-        let mut s = s.to_string();
-        for (found, shown) in &self.paths {
-            s = s.replace(found.as_str(), shown);
-        }
-        // A module in text output, `(/lib/...)`, or a JSON string.
-        s = s.replace(&format!("({LIB}"), &format!("(/usr{LIB}"));
-        match s.strip_prefix(LIB) {
-            Some(rest) => format!("/usr{LIB}{rest}"),
-            None => s,
-        }
-    }
-
-    fn text(&self, raw: &str) -> String {
-        let mut pids = Pids::default();
-        for c in self.process.captures_iter(raw) {
-            pids.map(c[1].parse().unwrap_or(0));
-        }
-        let s = self.paths(raw);
-        let host = format!(" on {} at ", self.host);
-        let s = s.replace(&host, &format!(" on {HOST} at "));
-        let s = self.time.replace_all(&s, TIME);
-        let s = self.ids.replace_all(&s, |c: &Captures| {
-            format!("{} {}", &c[1], pids.map(c[2].parse().unwrap_or(0)))
-        });
-        let s = self.addr.replace_all(&s, |c: &Captures| {
-            let shown = redact_addr(&c[2]);
-            match c.get(1) {
-                // Right-aligned in a column: keep the column.
-                Some(pad) => {
-                    let width = pad.as_str().len() + 2 + c[2].len();
-                    format!("{shown:>width$}")
-                }
-                None => shown.to_string(),
-            }
-        });
-        let s = self.samples.replace_all(&s, "CPU profile (N samples)");
-        self.sample_count.replace_all(&s, "%  (N) ").into_owned()
-    }
-
-    /// The offset in each thread's innermost function, as `+0x…`.
-    fn innermost_offsets(&self, text: &str) -> String {
-        self.innermost.replace_all(text, "${1}+0x… ").into_owned()
-    }
-
-    fn json(&self, key: Option<&str>, v: &mut Value, pids: &mut Pids) {
-        match v {
-            Value::Object(m) => {
-                for (k, x) in m.iter_mut() {
-                    self.json(Some(k), x, pids);
-                }
-            }
-            Value::Array(items) => {
-                for x in items {
-                    self.json(key, x, pids);
-                }
-            }
-            Value::String(s) => {
-                *s = match key {
-                    Some("time") => TIME.to_string(),
-                    Some("host") => HOST.to_string(),
-                    Some("cgroup") => CGROUP.to_string(),
-                    Some("build_id") => "<build-id>".to_string(),
-                    Some("address") => match s.strip_prefix("0x") {
-                        Some(hex) if hex.len() >= 9 => redact_addr(hex).to_string(),
-                        _ => s.clone(),
-                    },
-                    _ => self.paths(s),
-                };
-            }
-            Value::Number(n) => match (key, n.as_u64()) {
-                (Some("pid" | "tid" | "sender_pid" | "ns_pid" | "ns_tid"), Some(id)) => {
-                    *v = Value::from(pids.map(id));
-                }
-                (Some("uid"), Some(_)) => *v = Value::from(UID),
-                _ => {}
-            },
-            Value::Null | Value::Bool(_) => {}
-        }
-    }
-}
-
-/// What an address above 4 GiB is shown as: its region, not its value.
-fn redact_addr(hex: &str) -> &'static str {
-    let v = u64::from_str_radix(hex, 16).unwrap_or(0);
-    if v >= 0x7e00_0000_0000 {
-        "0x7f…"
-    } else if (0x5500_0000_0000..0x5700_0000_0000).contains(&v) {
-        "0x55…"
-    } else {
-        "0x…"
-    }
-}
-
-/// Real pids and tids to example ones, in order of first appearance.
-#[derive(Default)]
-struct Pids(HashMap<u64, u64>);
-
-impl Pids {
-    fn map(&mut self, id: u64) -> u64 {
-        let next = FIRST_PID + self.0.len() as u64;
-        *self.0.entry(id).or_insert(next)
-    }
 }
 
 /// Rewrites the fenced block after each `<!-- example: NAME -->` in `page`
