@@ -260,3 +260,33 @@ fn works_inside_a_pid_namespace() {
         crash["process"]
     );
 }
+
+/// A zombie has no stacks to show: the dump says why instead of showing
+/// threads without a word.
+#[test]
+fn dump_of_a_zombie_says_so() {
+    require_root();
+    let b = build("zombie.c", OMIT_FP);
+    let mut parent = Command::new(&b.exe).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(parent.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let zombie: u32 = line.trim().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(zombie) {
+        assert!(Instant::now() < deadline, "the child never became a zombie");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = Command::new(rfh_trace())
+        .args(["dump", &zombie.to_string(), "--format", "json"])
+        .output()
+        .unwrap();
+    let _ = parent.kill();
+    let _ = parent.wait();
+    assert_eq!(out.status.code(), Some(0));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    validate(&r);
+    let why = r["partial"].as_str().expect("a zombie's dump is partial");
+    assert!(why.contains("zombie"), "{why}");
+}

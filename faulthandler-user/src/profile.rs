@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::report::Frame;
+use crate::{escape::escape, report::Frame};
 
 /// Most distinct `file:line` variants remembered per stack; later new
 /// variants are still counted in the stack, only not as a variant.
@@ -76,14 +76,20 @@ impl ProfileSummary {
             if self.samples == 1 { "" } else { "s" }
         );
         for t in &self.top {
+            // Names come from the process: escaped, as everything it
+            // controls in a text report.
             let chain = if t.names.is_empty() {
                 "(no frames)".to_string()
             } else {
-                t.names.join(" <- ")
+                let names: Vec<_> = t.names.iter().map(|n| escape(n)).collect();
+                names.join(" <- ")
             };
             out.push_str(&format!(
                 "  {:.1}%  ({}) {}: {}\n",
-                t.percent, t.count, t.thread, chain
+                t.percent,
+                t.count,
+                escape(&t.thread),
+                chain
             ));
         }
         out
