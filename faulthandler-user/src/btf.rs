@@ -338,7 +338,8 @@ const TRACEPOINTS: [(&str, u32, &str); 6] = [
         2,
         "its group_dead argument, Linux 6.x; older kernels cannot tell the last thread",
     ),
-    ("mark_victim", 1, "OOM kills"),
+    // Older kernels pass a pid, not the task: two arguments tell them apart.
+    ("mark_victim", 2, "OOM kills; Linux 6.x"),
 ];
 
 /// Fails with `KernelTooOld` when a tracepoint the probes use is missing

@@ -311,8 +311,14 @@ impl Watcher {
             ns_pid: (ns_pid != 0 && ns_pid != pid)
                 .then_some(ns_pid)
                 .or(info.and_then(|i| i.ns_pid).filter(|&n| n != pid)),
-            comm: info
-                .and_then(|i| i.comm.clone())
+            // The main thread's name as the kernel saw it at the time is the
+            // process's; what /proc said earlier may be out of date.
+            comm: current
+                .iter()
+                .chain(&others)
+                .find(|c| c.event.tid == pid)
+                .map(|c| c_str(&c.event.comm))
+                .or_else(|| info.and_then(|i| i.comm.clone()))
                 .unwrap_or_else(|| first.map(|f| c_str(&f.event.comm)).unwrap_or_default()),
             exe: info
                 .and_then(|i| i.exe.clone())
