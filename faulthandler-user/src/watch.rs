@@ -54,12 +54,18 @@ pub struct Watcher {
     pub(crate) dump_seq: u32,
     /// CPU samples go to the workers for timeout profiles.
     profiling: bool,
+    /// Files the tracker closed, for the workers to forget.
+    released: Vec<std::path::PathBuf>,
+    last_sweep: Instant,
     /// Which frames reports show; `Native` reads no Python at all.
     pub(crate) stack_mode: StackMode,
     /// Python frames the kernel copied, by tid, waiting for the signal
     /// record that follows them.
     pending_py: HashMap<u32, Box<PyStackCapture>>,
 }
+
+/// How often cached files are checked for having been deleted.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
 /// Python records waiting for their signal record, at most: each is
 /// followed by its own at once, so only lost signal records leave any.
@@ -97,6 +103,8 @@ impl Watcher {
             collector: None,
             dump_seq: 0,
             profiling: false,
+            released: Vec::new(),
+            last_sweep: Instant::now(),
             stack_mode: StackMode::Merged,
             pending_py: HashMap::new(),
         }
@@ -153,6 +161,18 @@ impl Watcher {
         self.tracker.refresh_stale();
         self.sync_python();
         let now = Instant::now();
+        if now.saturating_duration_since(self.last_sweep) >= SWEEP_EVERY {
+            self.last_sweep = now;
+            self.tracker.sweep_deleted();
+        }
+        self.released.extend(self.tracker.take_released());
+        if !self.released.is_empty() {
+            // Kept until the workers have room: a dropped one would leak.
+            let paths = std::mem::take(&mut self.released);
+            if !self.workers.try_submit(Job::ForgetFiles(paths.clone())) {
+                self.released = paths;
+            }
+        }
         let dying: Vec<u32> = self.assembler.dying().collect();
         for pid in dying {
             if let Some(counts) = self.capture.dying(pid) {
@@ -163,6 +183,7 @@ impl Watcher {
             self.output(out);
         }
         self.read_drops();
+        self.capture.flush_log();
         if let Some(lost) = self.losses.take_record(now, force_loss_record) {
             let time = rfc3339(clock_ns(libc::CLOCK_REALTIME).max(0) as u128);
             let record = LossRecord::new(time, self.host.clone(), lost.clone());
@@ -315,7 +336,7 @@ impl Watcher {
         job
     }
 
-    fn modules_of(&self, cap: &SignalCapture) -> Vec<crate::modules::Module> {
+    fn modules_of(&mut self, cap: &SignalCapture) -> Vec<crate::modules::Module> {
         let ev = &cap.event;
         let n = (ev.nvmas as usize).min(ev.vmas.len());
         self.tracker.modules_for(ev.pid, &ev.vmas[..n])
@@ -343,8 +364,14 @@ impl Watcher {
             ns_pid: (ns_pid != 0 && ns_pid != pid)
                 .then_some(ns_pid)
                 .or(info.and_then(|i| i.ns_pid).filter(|&n| n != pid)),
-            comm: info
-                .and_then(|i| i.comm.clone())
+            // The main thread's name as the kernel saw it at the time is the
+            // process's; what /proc said earlier may be out of date.
+            comm: current
+                .iter()
+                .chain(&others)
+                .find(|c| c.event.tid == pid)
+                .map(|c| c_str(&c.event.comm))
+                .or_else(|| info.and_then(|i| i.comm.clone()))
                 .unwrap_or_else(|| first.map(|f| c_str(&f.event.comm)).unwrap_or_default()),
             exe: info
                 .and_then(|i| i.exe.clone())
@@ -357,6 +384,9 @@ impl Watcher {
             cgroup: info.and_then(|i| i.cgroup.clone()),
             k8s: None,
         };
+        let python = info
+            .and_then(|i| i.python.clone())
+            .filter(|_| self.stack_mode != StackMode::Native);
         let mut threads: Vec<ThreadJob> = current
             .into_iter()
             .map(|c| (c, true))
@@ -368,9 +398,6 @@ impl Watcher {
                 python: None,
             })
             .collect();
-        let python = info
-            .and_then(|i| i.python.clone())
-            .filter(|_| self.stack_mode != StackMode::Native);
         if let Some(Ok(target)) = &python {
             live_python(pid, target, &mut threads);
         }

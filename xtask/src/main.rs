@@ -1,5 +1,6 @@
-//! Developer tasks for rfh-trace: `cargo xtask <setup|build|run|test|bench>`.
+//! Developer tasks for rfh-trace: `cargo xtask <setup|build|run|test|bench|examples>`.
 
+mod examples;
 mod setup;
 mod util;
 
@@ -52,6 +53,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build release, run rfh-trace on test programs and write the redacted
+    /// report examples to docs/examples/ (rfh-trace runs through `sudo -E`
+    /// when not root).
+    Examples,
 }
 
 #[derive(Args)]
@@ -91,6 +96,7 @@ fn dispatch(task: Task) -> Result<i32> {
         Task::Run(args) => return run_trace(args),
         Task::Test { args } => test(args)?,
         Task::Bench { args } => bench(args)?,
+        Task::Examples => examples::examples()?,
     }
     Ok(0)
 }

@@ -21,10 +21,10 @@ pub fn container_id(cgroup: &str) -> Option<String> {
         .or_else(|| {
             let mut parts = cgroup.split('/').peekable();
             while let Some(p) = parts.next() {
-                if p == "docker" {
-                    if let Some(id) = parts.peek().filter(|id| is_id(id)) {
-                        return Some(id.to_string());
-                    }
+                if p == "docker"
+                    && let Some(id) = parts.peek().filter(|id| is_id(id))
+                {
+                    return Some(id.to_string());
                 }
             }
             None

@@ -304,7 +304,7 @@ impl Symbols {
         };
         let Ok((syms, _)) = object::pod::slice_from_bytes::<object::elf::Sym64<Endianness>>(
             raw,
-            raw.len() / std::mem::size_of::<object::elf::Sym64<Endianness>>(),
+            raw.len() / size_of::<object::elf::Sym64<Endianness>>(),
         ) else {
             return;
         };

@@ -15,7 +15,7 @@ pub(crate) struct RegionMem {
     regions: Vec<(u64, Vec<u8>)>,
 }
 
-const HEADER: usize = std::mem::size_of::<PyRegion>();
+const HEADER: usize = size_of::<PyRegion>();
 
 impl RegionMem {
     /// Parses `nregions` regions from a record's bytes after its header;
