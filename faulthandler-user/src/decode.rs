@@ -173,6 +173,39 @@ mod tests {
     }
 
     #[test]
+    fn pystack_round_trip() {
+        use faulthandler_common::{PY_RECORD_MAX, PyStackEvent};
+        let ev = PyStackEvent {
+            header: EventHeader {
+                kind: EVENT_PYSTACK,
+                len: (size_of::<PyStackEvent>() + 16) as u32,
+            },
+            pid: 7,
+            tid: 8,
+            frame: 0x1000,
+            nregions: 1,
+            ..PyStackEvent::default()
+        };
+        let mut bytes = as_bytes(&ev).to_vec();
+        bytes.extend_from_slice(&[5; 16]);
+        let Event::PyStack(p) = decode(&bytes).unwrap() else {
+            panic!("not a Python stack")
+        };
+        assert_eq!((p.event.pid, p.event.tid, p.event.frame), (7, 8, 0x1000));
+        assert_eq!(p.regions, vec![5; 16]);
+        // Longer than the kernel ever writes, or than the record holds.
+        let mut big = ev;
+        big.header.len = PY_RECORD_MAX as u32 + 8;
+        let mut bytes = as_bytes(&big).to_vec();
+        bytes.resize(PY_RECORD_MAX + 8, 0);
+        assert!(matches!(decode(&bytes), Err(DecodeError::Length { .. })));
+        assert!(matches!(
+            decode(&as_bytes(&ev)[..40]),
+            Err(DecodeError::Length { .. })
+        ));
+    }
+
+    #[test]
     fn rejects_bad_lengths() {
         assert_eq!(decode(&[1, 0, 0]).err(), Some(DecodeError::Short(3)));
         // SAFETY: as above.

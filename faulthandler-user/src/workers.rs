@@ -93,7 +93,9 @@ impl Job {
     /// What the job holds in memory, roughly: its stack copies and records.
     fn bytes(&self) -> usize {
         const RECORD: usize = size_of::<SignalCapture>();
-        let thread = |t: &ThreadJob| RECORD + t.cap.stack.len();
+        let thread = |t: &ThreadJob| {
+            RECORD + t.cap.stack.len() + t.cap.python.as_ref().map_or(0, |p| p.regions.len())
+        };
         match self {
             Job::Report(r) => r.threads.iter().map(thread).sum(),
             Job::Sample(t) => thread(t),

@@ -47,6 +47,16 @@ impl Memory for FakeMem {
         buf.copy_from_slice(src);
         Ok(())
     }
+
+    /// What the region holding `addr` has from there on, as a copy
+    /// that was cut short has.
+    fn readable(&self, addr: u64, len: usize) -> usize {
+        self.regions
+            .range(..=addr)
+            .next_back()
+            .map_or(0, |(start, r)| r.len().saturating_sub((addr - start) as usize))
+            .min(len)
+    }
 }
 
 const RUNTIME: u64 = 0x10_0000;
@@ -186,6 +196,34 @@ fn walks_a_synthetic_3_12_process() {
     );
     assert_eq!(t.frames[0].instr_addr, Some(0x50_0000 + 192 + 10));
     assert_eq!(t.frames[0].qualified_name.as_deref(), Some("handler"));
+}
+
+#[test]
+fn a_line_table_copied_in_part_gives_approximate_lines_past_the_part() {
+    let mut mem = process(0x40_0000);
+    frame(&mut mem, 0x40_0000, 0x50_0000, 5, 0x40_2000, 0);
+    frame(&mut mem, 0x40_2000, 0x51_0000, 1, 0x40_3000, 0);
+    frame(&mut mem, 0x40_3000, 0, 0, 0, 3);
+    // As the kernel copies a table longer than its cap: the header says
+    // 4 bytes, 2 follow (the first entry: units 0-3, line 11).
+    for code in [0x50_0000u64, 0x51_0000] {
+        let mut b = vec![0u8; 32 + 2];
+        b[16..24].copy_from_slice(&4u64.to_le_bytes());
+        b[32..34].copy_from_slice(&[0x80 | 13 << 3 | 3, 2]);
+        mem.put(code + 0x3000, &b);
+    }
+    let w = walk(&mem, &target()).unwrap();
+    let got: Vec<_> = w.threads[0]
+        .frames
+        .iter()
+        .map(|f| (f.function.as_str(), f.line, f.approximate))
+        .collect();
+    // Unit 5 is past the copied part: the first line, marked; unit 1 is
+    // inside it.
+    assert_eq!(
+        got,
+        [("handler", Some(10), true), ("<module>", Some(11), false)]
+    );
 }
 
 #[test]
