@@ -27,6 +27,9 @@ const CFLAGS: &[&str] = &["-g", "-O2", "-pthread"];
 const SEGV_STATUS: i32 = 139;
 /// timeout(1)'s status, which `--timeout ... --exit` gives.
 const TIMED_OUT: i32 = 124;
+/// The interpreter of the `.py` examples: Debian's own (static, its
+/// symbol table stripped: the common case).
+const PYTHON: &str = "/usr/bin/python3";
 
 /// How an example is made.
 enum How {
@@ -93,6 +96,16 @@ const EXAMPLES: &[(&str, &str, How)] = &[
         How::Dump(&[], Started::ReadyLine),
     ),
     ("on-signal.txt", "reload.c", How::OnSignal),
+    (
+        "python-crash.txt",
+        "ctypes_crash.py",
+        How::CommandUntil(&[], SEGV_STATUS, &["in outer"]),
+    ),
+    (
+        "python-crash-faulthandler.txt",
+        "ctypes_crash.py",
+        How::CommandUntil(&["--stack", "python"], SEGV_STATUS, &["in outer"]),
+    ),
 ];
 
 pub fn examples() -> Result<()> {
@@ -166,12 +179,18 @@ struct Gen {
 }
 
 impl Gen {
-    /// Compiles tests/programs/`source` into the work directory.
+    /// Compiles tests/programs/`source` into the work directory (a
+    /// Python script is copied there).
     fn compile(&self, source: &str) -> Result<PathBuf> {
         let src = util::workspace_root()
             .join("tests")
             .join("programs")
             .join(source);
+        if source.ends_with(".py") {
+            let script = self.work.join(source);
+            fs::copy(&src, &script).with_context(|| format!("copying {}", src.display()))?;
+            return Ok(script);
+        }
         let stem = Path::new(source)
             .file_stem()
             .and_then(|s| s.to_str())
@@ -212,7 +231,11 @@ impl Gen {
         // rfh-trace appends; a rerun must start from nothing.
         remove(&out)?;
         let mut c = self.rfh();
-        c.args(args).arg("--output").arg(&out).arg("--").arg(&exe);
+        c.args(args).arg("--output").arg(&out).arg("--");
+        if source.ends_with(".py") {
+            c.arg(PYTHON);
+        }
+        c.arg(&exe);
         let run = c
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -123,6 +123,8 @@ pub(crate) fn apply(thread: &mut Thread, py: Option<ThreadPython>, mode: StackMo
     match mode {
         StackMode::Python => {
             thread.frames = py.frames.into_iter().map(python_frame).collect();
+            // How the native stack was unwound says nothing of these.
+            thread.unwind = None;
         }
         StackMode::Merged | StackMode::Native => {
             let native = std::mem::take(&mut thread.frames);
