@@ -10,7 +10,8 @@ use aya_ebpf::{
         bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
         generated::bpf_task_pt_regs,
     },
-    macros::raw_tracepoint,
+    macros::{map, raw_tracepoint},
+    maps::PerCpuArray,
     programs::RawTracePointContext,
 };
 use faulthandler_common::*;
@@ -149,42 +150,101 @@ fn emit_vmas(cfg: &Config, tgid: u32, tid: u32) {
     entry.submit(0);
 }
 
-const SYS_MMAP: u64 = 9;
-const PROT_EXEC: u64 = 4;
-/// `struct pt_regs` byte offsets: orig_ax and dx (the third argument).
+/// `vm_flags` bit of an executable mapping.
+const VM_EXEC: u64 = 4;
+/// `struct ma_state` (include/linux/maple_tree.h): `tree`, then the
+/// range being written, `index` and `last` (inclusive).
+const MAS_INDEX: u32 = 8;
+const MAS_LAST: u32 = 16;
+/// `struct pt_regs` byte offset of orig_ax: the syscall in progress.
 const PT_REGS_ORIG_AX: u32 = 15 * 8;
-const PT_REGS_DX: u32 = 12 * 8;
+/// x86_64 syscalls through which a process maps code on purpose (ld.so
+/// and dlopen map libraries with mmap; some loaders map first and make
+/// the code executable with mprotect). The mappings exec makes are left
+/// out: `sched_process_exec` already has userspace re-read them.
+const SYS_MMAP: u64 = 9;
+const SYS_MPROTECT: u64 = 10;
+const SYS_PKEY_MPROTECT: u64 = 329;
 
-/// An executable mmap in a watched process (a dlopen, or ld.so mapping a
-/// library) tells userspace to refresh its copy of the mappings now,
-/// while the process is alive.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
-    let _ = try_sys_exit(&ctx);
+/// The mapping the last `EVENT_MMAP` on this CPU announced, as (vma,
+/// start): one store into the tree fires `ma_write` at several levels.
+#[map]
+static LAST_MMAP: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// `ma_write(fn, mas, piv, entry)`: a range of a maple tree is being
+/// written. A process's mappings are a maple tree of VMAs, so this fires
+/// only when mappings change (mmap, munmap, mprotect, brk, stack growth):
+/// work that maps nothing pays nothing. A raw tracepoint on `sys_exit`
+/// would run for every syscall on the host (about 140 ns each), and a
+/// syscall tracepoint puts every task on the syscall slow path; fexit on
+/// the mmap functions and the BPF LSM `mmap_file` hook are refused by
+/// some kernels (see docs/performance.md).
+///
+/// An executable, file-backed mapping made by a watched process (a
+/// dlopen, or ld.so mapping a library) tells userspace to refresh its
+/// copy of the mappings while the process is alive.
+#[raw_tracepoint(tracepoint = "ma_write")]
+pub fn ma_write(ctx: RawTracePointContext) -> i32 {
+    let _ = try_ma_write(&ctx);
     0
 }
 
-fn try_sys_exit(ctx: &RawTracePointContext) -> Option<()> {
-    // Every syscall on the system passes here: the cheapest tests first.
-    let ret: i64 = ctx.arg(1);
-    if ret < 0 {
-        return None;
-    }
-    let regs: *const u8 = ctx.arg(0);
-    if unsafe { read_at::<u64>(regs, PT_REGS_ORIG_AX) }? != SYS_MMAP {
-        return None;
+fn try_ma_write(ctx: &RawTracePointContext) -> Option<()> {
+    // Every mapping change on the host passes here: cheapest tests first.
+    let vma: *const u8 = ctx.arg(3);
+    if vma.is_null() {
+        return None; // an unmap
     }
     let cfg = config()?;
+    let start = executable_file_vma(cfg, ctx.arg(1), vma)?;
     let (tgid, tid) = current();
     if !watched(cfg, tgid) {
         return None;
     }
-    let prot = unsafe { read_at::<u64>(regs, PT_REGS_DX) }?;
-    if prot & PROT_EXEC == 0 {
+    // SAFETY: the current task's saved user registers, read through the
+    // fault-tolerant probe helper.
+    let nr = unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
+        read_at::<u64>(regs, PT_REGS_ORIG_AX)
+    }?;
+    if nr != SYS_MMAP && nr != SYS_MPROTECT && nr != SYS_PKEY_MPROTECT {
         return None;
     }
-    emit_proc(EVENT_MMAP, tgid, tid, 0, 0, ret as u64);
+    let last = LAST_MMAP.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of a per-CPU map; the program runs to the
+    // end on its CPU, so nothing else touches the slot meanwhile.
+    unsafe {
+        if *last == [vma as u64, start] {
+            return None;
+        }
+        *last = [vma as u64, start];
+    }
+    emit_proc(EVENT_MMAP, tgid, tid, 0, 0, start);
     Some(())
+}
+
+/// The start of `vma` if it is the entry `mas` is writing and an
+/// executable mapping of a file. Other maple trees store other things;
+/// the entry is a VMA only if the range written is the VMA's own.
+#[inline(always)]
+fn executable_file_vma(cfg: &Config, mas: *const u8, vma: *const u8) -> Option<u64> {
+    let o = &cfg.offsets;
+    // SAFETY: every read goes through the fault-tolerant probe helper, so
+    // a pointer that is not what it seems yields None, never a fault.
+    unsafe {
+        if read_at::<u64>(vma, o.vma_vm_flags)? & VM_EXEC == 0 {
+            return None;
+        }
+        let start = read_at::<u64>(vma, o.vma_vm_start)?;
+        let end = read_at::<u64>(vma, o.vma_vm_end)?;
+        if read_at::<u64>(mas, MAS_INDEX)? != start
+            || read_at::<u64>(mas, MAS_LAST)?.wrapping_add(1) != end
+            || read_at::<u64>(vma, o.vma_vm_file)? == 0
+        {
+            return None;
+        }
+        Some(start)
+    }
 }
 
 /// Signals whose default action dumps core; the kernel delivers these to
