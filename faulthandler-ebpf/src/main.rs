@@ -211,7 +211,9 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
             (*ev).nvmas = vma::capture(task, (*ev).regs[REG_IP], (*ev).regs[REG_SP], 0, vmas);
         }
     }
-    entry.submit(0);
+    // A death, or a signal userspace may act on while the process lives
+    // (--on-signal): wake it even behind unwoken bookkeeping records.
+    entry.submit(procs::WAKE_NOW);
     Some(())
 }
 

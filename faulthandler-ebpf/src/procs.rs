@@ -5,7 +5,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
         generated::bpf_task_pt_regs,
@@ -18,8 +18,30 @@ use faulthandler_common::*;
 
 use crate::{DYING, EVENTS, WATCHED, config, count_lost, current, read_at, watched};
 
+/// Ring-buffer submit flags: a record userspace must act on now (a
+/// death, a signal) forces a wake-up. Under --all, bookkeeping records
+/// (fork, exec, mmap, exit of a process not being reported) wake nobody:
+/// each wake-up costs the task that submits it an irq_work (a self-IPI,
+/// several µs in a VM) and every exec on the host sends a few; userspace
+/// reads them with the next record that wakes it, or at its poll
+/// timeout. A pending unwoken record stops the kernel's default wake-up
+/// (it wakes only a consumer that has caught up), hence the forcing.
+pub(crate) const WAKE_NOW: u64 = BPF_RB_FORCE_WAKEUP as u64;
+
+/// Submit flags of a bookkeeping record: outside --all the processes are
+/// few and their exec and mmap records are worth reading at once (a
+/// process may be gone, or its binary deleted, soon after).
 #[inline(always)]
-fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, sender: u32, addr: u64) {
+fn bookkeeping(cfg: &Config) -> u64 {
+    if cfg.flags & CFG_ALL != 0 {
+        BPF_RB_NO_WAKEUP as u64
+    } else {
+        0
+    }
+}
+
+#[inline(always)]
+fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, sender: u32, addr: u64, wake: u64) {
     let ev = ProcEvent {
         header: EventHeader {
             kind,
@@ -32,7 +54,7 @@ fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, sender: u32, addr: u64) {
         sender,
         addr,
     };
-    if EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
+    if EVENTS.output::<ProcEvent>(&ev, wake).is_err() {
         count_lost();
     }
 }
@@ -61,7 +83,7 @@ fn try_fork(ctx: &RawTracePointContext) -> Option<()> {
     if WATCHED.insert(&child_tgid, &1, 0).is_err() {
         count_lost();
     }
-    emit_proc(EVENT_FORK, tgid, tid, child_tgid, 0, 0);
+    emit_proc(EVENT_FORK, tgid, tid, child_tgid, 0, 0, bookkeeping(cfg));
     Some(())
 }
 
@@ -94,7 +116,7 @@ fn try_exec(ctx: &RawTracePointContext) -> Option<()> {
             let _ = bpf_probe_read_kernel_str_bytes(name, &mut (*ev).filename);
         }
     }
-    entry.submit(0);
+    entry.submit(bookkeeping(cfg));
     Some(())
 }
 
@@ -112,10 +134,18 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
             return 0;
         }
         if watched(cfg, tgid) {
-            let omitted = unsafe { DYING.get(&tgid) }.map_or(0, |d| d.omitted as u32);
+            let dying = unsafe { DYING.get(&tgid) };
+            let omitted = dying.map_or(0, |d| d.omitted as u32);
+            // A report waits for this exit, and so does rfh-trace for
+            // its command (and --pid for its processes).
+            let wake = if dying.is_some() || cfg.flags & CFG_ALL == 0 {
+                WAKE_NOW
+            } else {
+                bookkeeping(cfg)
+            };
             let _ = DYING.remove(&tgid);
             let _ = WATCHED.remove(&tgid);
-            emit_proc(EVENT_EXIT, tgid, tid, omitted, 0, 0);
+            emit_proc(EVENT_EXIT, tgid, tid, omitted, 0, 0, wake);
         }
     }
     0
@@ -147,7 +177,8 @@ fn emit_vmas(cfg: &Config, tgid: u32, tid: u32) {
             (*ev).nvmas = crate::vma::capture(task, ip, sp, cfg.stack_size / 8, vmas);
         }
     }
-    entry.submit(0);
+    // The process's exit record follows and wakes userspace.
+    entry.submit(bookkeeping(cfg));
 }
 
 /// `vm_flags` bit of an executable mapping.
@@ -219,7 +250,7 @@ fn try_ma_write(ctx: &RawTracePointContext) -> Option<()> {
         }
         *last = [vma as u64, start];
     }
-    emit_proc(EVENT_MMAP, tgid, tid, 0, 0, start);
+    emit_proc(EVENT_MMAP, tgid, tid, 0, 0, start, bookkeeping(cfg));
     Some(())
 }
 
@@ -308,6 +339,7 @@ fn try_generate(ctx: &RawTracePointContext) -> Option<()> {
         sig,
         sender,
         code as i64 as u64,
+        WAKE_NOW,
     );
     Some(())
 }
@@ -336,6 +368,6 @@ fn try_oom(ctx: &RawTracePointContext) -> Option<()> {
     }
     mark_dying(tgid);
     let tid = unsafe { read_at::<u32>(task, cfg.offsets.task_pid) }.unwrap_or(0);
-    emit_proc(EVENT_OOM, tgid, tid, 9, 0, 0);
+    emit_proc(EVENT_OOM, tgid, tid, 9, 0, 0, WAKE_NOW);
     Some(())
 }
