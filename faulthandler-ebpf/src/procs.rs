@@ -197,10 +197,13 @@ const SYS_MMAP: u64 = 9;
 const SYS_MPROTECT: u64 = 10;
 const SYS_PKEY_MPROTECT: u64 = 329;
 
-/// The mapping the last `EVENT_MMAP` on this CPU announced, as (vma,
-/// start): one store into the tree fires `ma_write` at several levels.
+/// The entry the last `ma_write` on this CPU wrote. One store into a tree
+/// fires the tracepoint at several levels in a row, with the same entry:
+/// only the first is looked at. (A later store of the same VMA object
+/// for a new mapping comes after other writes: at least the unmap or
+/// merge that freed it, which reset the slot.)
 #[map]
-static LAST_MMAP: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+static LAST_ENTRY: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// `ma_write(fn, mas, piv, entry)`: a range of a maple tree is being
 /// written. A process's mappings are a maple tree of VMAs, so this fires
@@ -223,15 +226,25 @@ pub fn ma_write(ctx: RawTracePointContext) -> i32 {
 fn try_ma_write(ctx: &RawTracePointContext) -> Option<()> {
     // Every mapping change on the host passes here: cheapest tests first.
     let vma: *const u8 = ctx.arg(3);
+    let last = LAST_ENTRY.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of a per-CPU map. A raw tracepoint program
+    // runs with migration off and is never nested on one CPU (the kernel
+    // skips a re-entrant run), so nothing else touches the slot meanwhile.
+    unsafe {
+        if *last == vma as u64 {
+            return None;
+        }
+        *last = vma as u64;
+    }
     if vma.is_null() {
         return None; // an unmap
     }
     let cfg = config()?;
-    let start = executable_file_vma(cfg, ctx.arg(1), vma)?;
     let (tgid, tid) = current();
     if !watched(cfg, tgid) {
         return None;
     }
+    let start = executable_file_vma(cfg, ctx.arg(1), vma)?;
     // SAFETY: the current task's saved user registers, read through the
     // fault-tolerant probe helper.
     let nr = unsafe {
@@ -240,15 +253,6 @@ fn try_ma_write(ctx: &RawTracePointContext) -> Option<()> {
     }?;
     if nr != SYS_MMAP && nr != SYS_MPROTECT && nr != SYS_PKEY_MPROTECT {
         return None;
-    }
-    let last = LAST_MMAP.get_ptr_mut(0)?;
-    // SAFETY: this CPU's slot of a per-CPU map; the program runs to the
-    // end on its CPU, so nothing else touches the slot meanwhile.
-    unsafe {
-        if *last == [vma as u64, start] {
-            return None;
-        }
-        *last = [vma as u64, start];
     }
     emit_proc(EVENT_MMAP, tgid, tid, 0, 0, start, bookkeeping(cfg));
     Some(())
