@@ -2,8 +2,9 @@
 //! asked about, and work it watches that is not crashing.
 //!
 //! Every workload runs bare and under rfh-trace in the same invocation,
-//! each traced run right after a bare one; the medians are printed with
-//! the median of the pairs' ratios, so slow drift on the machine cancels.
+//! in pairs run back to back (which goes first alternates); the medians
+//! are printed with the median of the pairs' ratios, so slow drift on the
+//! machine cancels.
 //! Each workload times its own loop in batches and reports its fastest
 //! batch. The figures are only as quiet as the machine: on a shared or
 //! small host, read them as indicative, and compare ratios within one run.
@@ -293,21 +294,31 @@ struct Runs {
 
 /// `work` under `--all` and, when `cmd_mode`, under `-- sleep`.
 fn unwatched(s: &Sizes, work: &dyn Fn() -> Command, cmd_mode: bool) -> Runs {
-    let paired = |args: &[&str]| {
-        let bare = run(&mut work());
+    let traced = |args: &[&str]| {
         let t = Tracer::attached(args);
         let before = t.cpu_ns();
-        let traced = run(&mut work());
-        let cpu_ms = t.cpu_ns().saturating_sub(before) as f64 / 1e6;
-        ((bare, traced), cpu_ms)
+        let out = run(&mut work());
+        (out, t.cpu_ns().saturating_sub(before) as f64 / 1e6)
+    };
+    // Which of a pair runs first alternates by round: a run right after
+    // another (its writeback, a traced run's teardown) is not favoured.
+    let paired = |args: &[&str], round: usize| {
+        if round % 2 == 0 {
+            let bare = run(&mut work());
+            let (t, cpu) = traced(args);
+            ((bare, t), cpu)
+        } else {
+            let (t, cpu) = traced(args);
+            ((run(&mut work()), t), cpu)
+        }
     };
     let mut r = Runs::default();
-    for _ in 0..s.rounds {
-        let (pair, cpu) = paired(&["--all"]);
+    for round in 0..s.rounds {
+        let (pair, cpu) = paired(&["--all"], round);
         r.all.push(pair);
         r.all_cpu.push(cpu);
         if cmd_mode {
-            r.cmd.push(paired(&["--", "sleep", "1000"]).0);
+            r.cmd.push(paired(&["--", "sleep", "1000"], round).0);
         }
     }
     r
@@ -376,10 +387,8 @@ fn make_build(w: &Workloads, s: &Sizes) {
 fn handled_faults(w: &Workloads, s: &Sizes) {
     let n = s.faults.to_string();
     let segv = w.path("segv");
-    let (mut pairs, mut rss) = (Vec::new(), Vec::new());
-    for _ in 0..s.rounds {
-        let bare = run(&mut w.cmd("segv", &[&n]));
-        let segv_arg = segv.to_string_lossy();
+    let segv_arg = segv.to_string_lossy();
+    let traced = || {
         let mut t = Tracer::spawn(&["--format", "json", "--", &segv_arg, &n], |c| {
             c.stdout(Stdio::piped())
         });
@@ -388,8 +397,18 @@ fn handled_faults(w: &Workloads, s: &Sizes) {
             let _ = std::io::Read::read_to_string(o, &mut out);
         }
         t.wait();
-        pairs.push((bare, out.trim().parse().unwrap_or(f64::NAN)));
-        rss.push(t.peak_mib());
+        (out.trim().parse().unwrap_or(f64::NAN), t.peak_mib())
+    };
+    let (mut pairs, mut rss) = (Vec::new(), Vec::new());
+    for round in 0..s.rounds {
+        let ((fault_ns, mib), bare) = if round % 2 == 0 {
+            let bare = run(&mut w.cmd("segv", &[&n]));
+            (traced(), bare)
+        } else {
+            (traced(), run(&mut w.cmd("segv", &[&n])))
+        };
+        pairs.push((bare, fault_ns));
+        rss.push(mib);
     }
     println!(
         "a watched process taking {} handled SIGSEGVs (handler siglongjmps), median of {} paired rounds:",
