@@ -355,7 +355,9 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
             );
         }
     }
-    entry.submit(0);
+    // A death, or a signal userspace may act on while the process lives
+    // (--on-signal): wake it even behind unwoken bookkeeping records.
+    entry.submit(procs::WAKE_NOW);
     Some(())
 }
 
