@@ -277,7 +277,17 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
                     sig: sig as i32,
                     code,
                 };
-                let _ = HANDLED.insert(&tid, &h, 0);
+                // A runtime that takes faults on purpose takes them by
+                // the thousand: after the first, the thread's entry is
+                // overwritten in place, which costs far less than an
+                // update of the LRU map.
+                match HANDLED.get_ptr_mut(&tid) {
+                    // SAFETY: `p` points into a live map value.
+                    Some(p) => unsafe { *p = h },
+                    None => {
+                        let _ = HANDLED.insert(&tid, &h, 0);
+                    }
+                }
             }
             if cfg.on_signal_mask & bit == 0 {
                 return None;
@@ -367,7 +377,9 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
             );
         }
     }
-    entry.submit(0);
+    // A death, or a signal userspace may act on while the process lives
+    // (--on-signal): wake it even behind unwoken bookkeeping records.
+    entry.submit(procs::WAKE_NOW);
     Some(())
 }
 

@@ -5,11 +5,13 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
         generated::bpf_task_pt_regs,
     },
-    macros::raw_tracepoint,
+    macros::{map, raw_tracepoint},
+    maps::PerCpuArray,
     programs::RawTracePointContext,
 };
 use faulthandler_common::*;
@@ -18,8 +20,30 @@ use crate::{
     DYING, EVENTS, WATCHED, begin_dying, config, count, current_ids, read_at, task_ids, watched,
 };
 
+/// Ring-buffer submit flags: a record userspace must act on now (a
+/// death, a signal) forces a wake-up. Under --all, bookkeeping records
+/// (fork, exec, mmap, exit of a process not being reported) wake nobody:
+/// each wake-up costs the task that submits it an irq_work (a self-IPI,
+/// several µs in a VM) and every exec on the host sends a few; userspace
+/// reads them with the next record that wakes it, or at its poll
+/// timeout. A pending unwoken record stops the kernel's default wake-up
+/// (it wakes only a consumer that has caught up), hence the forcing.
+pub(crate) const WAKE_NOW: u64 = BPF_RB_FORCE_WAKEUP as u64;
+
+/// Submit flags of a bookkeeping record: outside --all the processes are
+/// few and their exec and mmap records are worth reading at once (a
+/// process may be gone, or its binary deleted, soon after).
 #[inline(always)]
-fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, sender: u32, addr: u64) {
+fn bookkeeping(cfg: &Config) -> u64 {
+    if cfg.flags & CFG_ALL != 0 {
+        BPF_RB_NO_WAKEUP as u64
+    } else {
+        0
+    }
+}
+
+#[inline(always)]
+fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, sender: u32, addr: u64, wake: u64) {
     let ev = ProcEvent {
         header: EventHeader {
             kind,
@@ -33,7 +57,7 @@ fn emit_proc(kind: u32, pid: u32, tid: u32, arg: u32, sender: u32, addr: u64) {
         sender,
         addr,
     };
-    if EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
+    if EVENTS.output::<ProcEvent>(&ev, wake).is_err() {
         count(CNT_EVENT_RING_FULL);
     }
 }
@@ -64,7 +88,7 @@ fn try_fork(ctx: &RawTracePointContext) -> Option<()> {
     if WATCHED.insert(&child_tgid, &1, 0).is_err() {
         count(CNT_WATCH_FULL);
     }
-    emit_proc(EVENT_FORK, tgid, tid, child_tgid, 0, 0);
+    emit_proc(EVENT_FORK, tgid, tid, child_tgid, 0, 0, bookkeeping(cfg));
     Some(())
 }
 
@@ -98,7 +122,7 @@ fn try_exec(ctx: &RawTracePointContext) -> Option<()> {
             let _ = bpf_probe_read_kernel_str_bytes(name, &mut (*ev).filename);
         }
     }
-    entry.submit(0);
+    entry.submit(bookkeeping(cfg));
     Some(())
 }
 
@@ -155,7 +179,14 @@ fn try_exit(ctx: &RawTracePointContext) -> Option<()> {
         (*ev)._pad = 0;
         (*ev).dying = dying.unwrap_or_default();
     }
-    entry.submit(0);
+    // A report waits for this exit, and so does rfh-trace for its
+    // command (and --pid for its processes).
+    let wake = if dying.is_some() || cfg.flags & CFG_ALL == 0 {
+        WAKE_NOW
+    } else {
+        bookkeeping(cfg)
+    };
+    entry.submit(wake);
     Some(())
 }
 
@@ -186,45 +217,105 @@ fn emit_vmas(cfg: &Config, tgid: u32, tid: u32) {
             (*ev).nvmas = crate::vma::capture(task, ip, sp, cfg.stack_size / 8, vmas);
         }
     }
-    entry.submit(0);
+    // The process's exit record follows and wakes userspace.
+    entry.submit(bookkeeping(cfg));
 }
 
+/// `struct ma_state` (include/linux/maple_tree.h): `tree`, then the
+/// range being written, `index` and `last` (inclusive).
+const MAS_INDEX: u32 = 8;
+const MAS_LAST: u32 = 16;
+/// x86_64 syscalls through which a process maps code on purpose (ld.so
+/// and dlopen map libraries with mmap; some loaders map first and make
+/// the code executable with mprotect). The mappings exec makes are left
+/// out: `sched_process_exec` already has userspace re-read them.
 const SYS_MMAP: u64 = 9;
-const PROT_EXEC: u64 = 4;
-/// `struct pt_regs` byte offsets: orig_ax and dx (the third argument).
-const PT_REGS_ORIG_AX: u32 = 15 * 8;
-const PT_REGS_DX: u32 = 12 * 8;
+const SYS_MPROTECT: u64 = 10;
+const SYS_PKEY_MPROTECT: u64 = 329;
 
-/// An executable mmap in a watched process (a dlopen, or ld.so mapping a
-/// library) tells userspace to refresh its copy of the mappings now,
-/// while the process is alive.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
-    let _ = try_sys_exit(&ctx);
+/// The entry the last `ma_write` on this CPU wrote. One store into a tree
+/// fires the tracepoint at several levels in a row, with the same entry:
+/// only the first is looked at. (A later store of the same VMA object
+/// for a new mapping comes after other writes: at least the unmap or
+/// merge that freed it, which reset the slot.)
+#[map]
+static LAST_ENTRY: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `ma_write(fn, mas, piv, entry)`: a range of a maple tree is being
+/// written. A process's mappings are a maple tree of VMAs, so this fires
+/// only when mappings change (mmap, munmap, mprotect, brk, stack growth):
+/// work that maps nothing pays nothing. A raw tracepoint on `sys_exit`
+/// would run for every syscall on the host (about 140 ns each), and a
+/// syscall tracepoint puts every task on the syscall slow path; fexit on
+/// the mmap functions and the BPF LSM `mmap_file` hook are refused by
+/// some kernels (see docs/performance.md).
+///
+/// An executable, file-backed mapping made by a watched process (a
+/// dlopen, or ld.so mapping a library) tells userspace to refresh its
+/// copy of the mappings while the process is alive.
+#[raw_tracepoint(tracepoint = "ma_write")]
+pub fn ma_write(ctx: RawTracePointContext) -> i32 {
+    let _ = try_ma_write(&ctx);
     0
 }
 
-fn try_sys_exit(ctx: &RawTracePointContext) -> Option<()> {
-    // Every syscall on the system passes here: the cheapest tests first.
-    let ret: i64 = ctx.arg(1);
-    if ret < 0 {
-        return None;
+fn try_ma_write(ctx: &RawTracePointContext) -> Option<()> {
+    // Every mapping change on the host passes here: cheapest tests first.
+    let vma: *const u8 = ctx.arg(3);
+    let last = LAST_ENTRY.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of a per-CPU map. A raw tracepoint program
+    // runs with migration off and is never nested on one CPU (the kernel
+    // skips a re-entrant run), so nothing else touches the slot meanwhile.
+    unsafe {
+        if *last == vma as u64 {
+            return None;
+        }
+        *last = vma as u64;
     }
-    let regs: *const u8 = ctx.arg(0);
-    if unsafe { read_at::<u64>(regs, PT_REGS_ORIG_AX) }? != SYS_MMAP {
-        return None;
+    if vma.is_null() {
+        return None; // an unmap
     }
     let cfg = config()?;
     let (tgid, tid) = current_ids(cfg)?;
     if !watched(cfg, tgid) {
         return None;
     }
-    let prot = unsafe { read_at::<u64>(regs, PT_REGS_DX) }?;
-    if prot & PROT_EXEC == 0 {
+    let start = executable_file_vma(cfg, ctx.arg(1), vma)?;
+    // SAFETY: the current task's saved user registers, read through the
+    // fault-tolerant probe helper.
+    let nr = unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
+        read_at::<u64>(regs, REG_ORIG_AX as u32 * 8)
+    }?;
+    if nr != SYS_MMAP && nr != SYS_MPROTECT && nr != SYS_PKEY_MPROTECT {
         return None;
     }
-    emit_proc(EVENT_MMAP, tgid, tid, 0, 0, ret as u64);
+    emit_proc(EVENT_MMAP, tgid, tid, 0, 0, start, bookkeeping(cfg));
     Some(())
+}
+
+/// The start of `vma` if it is the entry `mas` is writing and an
+/// executable mapping of a file. Other maple trees store other things;
+/// the entry is a VMA only if the range written is the VMA's own.
+#[inline(always)]
+fn executable_file_vma(cfg: &Config, mas: *const u8, vma: *const u8) -> Option<u64> {
+    let o = &cfg.offsets;
+    // SAFETY: every read goes through the fault-tolerant probe helper, so
+    // a pointer that is not what it seems yields None, never a fault.
+    unsafe {
+        if read_at::<u64>(vma, o.vma_vm_flags)? & VM_EXEC == 0 {
+            return None;
+        }
+        let start = read_at::<u64>(vma, o.vma_vm_start)?;
+        let end = read_at::<u64>(vma, o.vma_vm_end)?;
+        if read_at::<u64>(mas, MAS_INDEX)? != start
+            || read_at::<u64>(mas, MAS_LAST)?.wrapping_add(1) != end
+            || read_at::<u64>(vma, o.vma_vm_file)? == 0
+        {
+            return None;
+        }
+        Some(start)
+    }
 }
 
 /// Signals whose default action dumps core; the kernel delivers these to
@@ -290,6 +381,7 @@ fn try_generate(ctx: &RawTracePointContext) -> Option<()> {
         sig,
         sender,
         code as i64 as u64,
+        WAKE_NOW,
     );
     Some(())
 }
@@ -311,6 +403,6 @@ fn try_oom(ctx: &RawTracePointContext) -> Option<()> {
         return None;
     }
     begin_dying(cfg, task, tgid, SIGKILL, SI_KERNEL);
-    emit_proc(EVENT_OOM, tgid, tid, SIGKILL, 0, 0);
+    emit_proc(EVENT_OOM, tgid, tid, SIGKILL, 0, 0, WAKE_NOW);
     Some(())
 }

@@ -74,7 +74,7 @@ pub unsafe fn capture(
         let n = (*st).n;
         raw_read_kernel(
             out as *mut c_void,
-            core::mem::size_of::<[Vma; VMA_MAX]>() as u32,
+            size_of::<[Vma; VMA_MAX]>() as u32,
             addr_of_mut!((*st).vmas) as *const c_void,
         );
         if n > VMA_MAX as u64 {

@@ -320,7 +320,7 @@ impl Btf {
 /// The raw tracepoints the probes attach to, the arguments they read,
 /// and what needs them: checked before loading, so an old kernel gets a
 /// sentence instead of a verifier log.
-const TRACEPOINTS: [(&str, u32, &str); 6] = [
+const TRACEPOINTS: [(&str, u32, &str); 7] = [
     ("signal_deliver", 3, "crash capture; Linux 4.x and later"),
     (
         "signal_generate",
@@ -340,6 +340,11 @@ const TRACEPOINTS: [(&str, u32, &str); 6] = [
     ),
     // Older kernels pass a pid, not the task: two arguments tell them apart.
     ("mark_victim", 2, "OOM kills; Linux 6.x"),
+    (
+        "ma_write",
+        4,
+        "noticing libraries loaded after start; Linux 6.1 and later",
+    ),
 ];
 
 /// Fails with `KernelTooOld` when a tracepoint the probes use is missing

@@ -31,7 +31,7 @@ const TRACEPOINTS: [&str; 7] = [
     "sched_process_fork",
     "sched_process_exec",
     "sched_process_exit",
-    "sys_exit",
+    "ma_write",
 ];
 
 #[derive(Debug, Error)]

@@ -141,6 +141,12 @@ impl Watcher {
 
     /// Waits up to `timeout` for events and handles them.
     pub fn poll(&mut self, timeout: Duration) -> Result<(), CaptureError> {
+        // A process just exec'd is read from /proc once it has settled
+        // (poll counts whole milliseconds: round up, not to a busy 0).
+        let timeout = self
+            .tracker
+            .next_refresh_in()
+            .map_or(timeout, |d| d.max(Duration::from_millis(1)).min(timeout));
         let mut records = Vec::new();
         self.capture.poll(timeout, |r| records.push(r.to_vec()))?;
         for r in records {

@@ -47,7 +47,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run setup (with test tools), build release and run the `crash`, `dump` and `python` benchmarks.
+    /// Run setup (with test tools), build release and run the `crash`, `dump`, `cost` and `python` benchmarks.
     Bench {
         /// Extra arguments passed to each benchmark (after `cargo bench ... --`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -181,7 +181,7 @@ fn test(extra: Vec<String>) -> Result<()> {
 }
 
 /// The benchmarks `bench` runs, in this order, one `cargo bench` each.
-const BENCHES: [&str; 3] = ["crash", "dump", "python"];
+const BENCHES: [&str; 4] = ["crash", "dump", "cost", "python"];
 
 fn bench(extra: Vec<String>) -> Result<()> {
     setup::setup(true)?;

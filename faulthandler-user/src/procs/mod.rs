@@ -15,6 +15,7 @@ use std::{
     collections::HashMap,
     fs, io,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use faulthandler_common::Vma;
@@ -99,6 +100,10 @@ pub struct ProcInfo {
     file_keys: Vec<(u64, u64)>,
 }
 
+/// How long a process that has just exec'd or forked must live before
+/// its mappings are read from /proc.
+const SETTLE: Duration = Duration::from_millis(5);
+
 pub struct Tracker {
     procs: HashMap<u32, ProcInfo>,
     /// The path each process last exec'd, resolved to an absolute path.
@@ -107,6 +112,9 @@ pub struct Tracker {
     exit_vmas: HashMap<u32, Vec<Vma>>,
     /// Processes whose mappings changed since they were last read.
     stale: Vec<u32>,
+    /// When each process was seen to exec or fork, until it has lived
+    /// `SETTLE` and been read.
+    born: HashMap<u32, Instant>,
     /// Processes whose interpreter may have changed since the kernel's
     /// table was last told (`take_python_changes`).
     py_changed: Vec<u32>,
@@ -139,6 +147,7 @@ impl Tracker {
             exec_paths: HashMap::new(),
             exit_vmas: HashMap::new(),
             stale: Vec::new(),
+            born: HashMap::new(),
             py_changed: Vec::new(),
             files: HashMap::new(),
             released: Vec::new(),
@@ -183,6 +192,9 @@ impl Tracker {
         }
         self.exec_paths.remove(&pid);
         self.exit_vmas.remove(&pid);
+        // Gone: a re-read could only fail.
+        self.stale.retain(|&p| p != pid);
+        self.born.remove(&pid);
         // Files stay cached: the next process of the same binary reuses
         // them. A deleted file has no next process: once no tracked
         // process maps it, its handle goes (a report being made still
@@ -228,6 +240,7 @@ impl Tracker {
                 .unwrap_or_else(|_| path.to_path_buf())
         };
         self.exec_paths.insert(pid, path);
+        self.born.insert(pid, Instant::now());
         // What was known belongs to the old image (often the parent's,
         // copied at fork); if the new one dies before /proc can be read,
         // stale mappings and exe would be worse than none.
@@ -239,6 +252,7 @@ impl Tracker {
 
     /// A forked child has its parent's mappings until it execs.
     pub fn fork(&mut self, parent: u32, child: u32) {
+        self.born.insert(child, Instant::now());
         match self.procs.get(&parent).cloned() {
             Some(mut info) => {
                 info.pid = child;
@@ -260,10 +274,35 @@ impl Tracker {
         }
     }
 
-    /// Re-reads every process marked stale; one that has gone keeps what
-    /// was known.
+    /// Re-reads every process marked stale that has lived `SETTLE`; one
+    /// that has gone keeps what was known. Younger ones wait for a later
+    /// call: most processes that exec live less than that (a build's
+    /// shell commands), and reading theirs would mostly find them gone;
+    /// if one crashes, the mappings the kernel resolved as it died
+    /// (`add_vmas`) are there instead.
     pub fn refresh_stale(&mut self) {
-        for pid in std::mem::take(&mut self.stale) {
+        self.refresh_stale_at(Instant::now());
+    }
+
+    /// How long until `refresh_stale` has a young process to read: the
+    /// caller should not wait for events longer than that.
+    pub fn next_refresh_in(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.stale
+            .iter()
+            .filter_map(|p| self.born.get(p))
+            .map(|&b| (b + SETTLE).saturating_duration_since(now))
+            .min()
+    }
+
+    fn refresh_stale_at(&mut self, now: Instant) {
+        let born = &self.born;
+        let (due, young): (Vec<u32>, Vec<u32>) = std::mem::take(&mut self.stale)
+            .into_iter()
+            .partition(|p| born.get(p).is_none_or(|&b| now.duration_since(b) >= SETTLE));
+        self.stale = young;
+        for pid in due {
+            self.born.remove(&pid);
             let _ = self.refresh(pid);
         }
     }
@@ -563,6 +602,43 @@ mod tests {
         let here = tracks_itself as *const () as usize as u64;
         let m = crate::modules::find(&info.modules, here).expect("own text mapping");
         assert!(info.exe.as_deref().is_some_and(|e| m.name == e));
+    }
+
+    #[test]
+    fn young_processes_wait_for_settle() {
+        let mut t = Tracker::default();
+        let own = std::process::id();
+        t.exec(own, "/proc/self/exe");
+        let born = t.born[&own];
+        assert!(t.next_refresh_in().is_some_and(|d| d <= SETTLE));
+        t.refresh_stale_at(born + SETTLE / 2);
+        assert!(t.get(own).is_none(), "read while younger than SETTLE");
+        assert_eq!(t.stale, [own], "still due");
+        t.refresh_stale_at(born + SETTLE);
+        assert!(t.get(own).is_some(), "read once SETTLE has passed");
+        assert!(t.stale.is_empty() && t.born.is_empty());
+        assert_eq!(t.next_refresh_in(), None);
+    }
+
+    #[test]
+    fn processes_not_seen_starting_are_read_at_once() {
+        let mut t = Tracker::default();
+        let own = std::process::id();
+        t.mark_stale(own);
+        t.refresh_stale();
+        assert!(t.get(own).is_some());
+    }
+
+    #[test]
+    fn forgotten_processes_are_not_read() {
+        let mut t = Tracker::default();
+        let own = std::process::id();
+        t.fork(1, own); // parent unknown: the child is marked stale
+        assert_eq!(t.stale, [own]);
+        t.forget(own);
+        assert!(t.stale.is_empty() && t.born.is_empty());
+        t.refresh_stale_at(Instant::now() + SETTLE);
+        assert!(t.get(own).is_none());
     }
 
     #[test]
