@@ -67,12 +67,12 @@ const EXAMPLES: &[(&str, &str, How)] = &[
     (
         "hostile-names.txt",
         "hostile_name.c",
-        // The second thread has reached pause(), and rfh-trace read /proc
-        // (with the name main had then) before the crash.
+        // The second thread has reached pause(); the process is named
+        // after its main thread at the time of the crash (escaped).
         How::CommandUntil(
             &[],
             SEGV_STATUS,
-            &["in __libc_pause", "Process 4242 \"hostile_name\""],
+            &["in __libc_pause", "Process 4242 \"x\\nFatal signal\""],
         ),
     ),
     (
