@@ -141,13 +141,21 @@ fn ctypes_crash_shows_python_frames_in_place_of_the_eval_loop() {
         assert_merged(t);
         // In place: native code on both sides of the Python frames.
         let frames = t["frames"].as_array().unwrap();
-        let first = frames.iter().position(|f| f["language"] == "python").unwrap();
-        let last = frames.iter().rposition(|f| f["language"] == "python").unwrap();
+        let first = frames
+            .iter()
+            .position(|f| f["language"] == "python")
+            .unwrap();
+        let last = frames
+            .iter()
+            .rposition(|f| f["language"] == "python")
+            .unwrap();
         assert!(first > 0 && last + 1 < frames.len(), "{:?}", functions(t));
         assert!(frames[last + 1]["language"] == "native");
         assert!(
-            frames.iter().any(|f| f["language"] == "python"
-                && f["address"].as_str().is_some_and(|a| a != "0x0")),
+            frames
+                .iter()
+                .any(|f| f["language"] == "python"
+                    && f["address"].as_str().is_some_and(|a| a != "0x0")),
             "Python frames carry their instruction's address"
         );
     });
@@ -213,8 +221,7 @@ fn qsort_callback_has_python_on_both_sides_of_libc() {
             move |f: &Value| f["language"] == "python" && f["function"] == name
         };
         let qsort = at(&|f: &Value| {
-            f["language"] == "native"
-                && f["function"].as_str().is_some_and(|n| n.contains("qsort"))
+            f["language"] == "native" && f["function"].as_str().is_some_and(|n| n.contains("qsort"))
         });
         assert!(
             at(&py("compare")) < qsort && qsort < at(&py("sorter")),
@@ -304,7 +311,12 @@ fn abort_gil_released_generator_and_non_ascii_names() {
         let s = i.script("naïve_файл.py", OTHER_CRASHES);
         for (how, sig, tag) in [("abort", 6, "abort"), ("nogil", 11, "nogil")] {
             let run = run(i, &[], &s, &[how]);
-            assert_eq!(run.status.code(), Some(signal_status(sig)), "{}", run.stderr);
+            assert_eq!(
+                run.status.code(),
+                Some(signal_status(sig)),
+                "{}",
+                run.stderr
+            );
             let t = current_thread(only_report(&run));
             assert_py_line(t, "gén", &s, tag);
             assert_py_line(t, "函数", &s, "for");
@@ -497,7 +509,11 @@ fn python_in_its_own_pid_and_mount_namespace() {
         let ours: Vec<&Value> = run
             .reports
             .iter()
-            .filter(|r| r["process"]["comm"].as_str().is_some_and(|c| c.starts_with("python")))
+            .filter(|r| {
+                r["process"]["comm"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("python"))
+            })
             .collect();
         assert_eq!(ours.len(), 1, "{}", run.stderr);
         let r = ours[0];
@@ -570,10 +586,7 @@ fn late_loaded_modules_come_from_the_kernels_mappings() {
             assert_eq!(reports.len(), 1);
             let t = current_thread(&reports[0]);
             assert!(t["error"].is_null(), "{}: {:?}", t["error"], functions(t));
-            assert_order(
-                t,
-                &["ffi_call", "_PyEval_EvalFrameDefault", "Py_BytesMain"],
-            );
+            assert_order(t, &["ffi_call", "_PyEval_EvalFrameDefault", "Py_BytesMain"]);
         }
     });
 }

@@ -67,7 +67,7 @@ fn config() -> Option<&'static Config> {
 #[inline(always)]
 fn watched(cfg: &Config, tgid: u32) -> bool {
     // SAFETY: the value is only tested for presence, never held.
-    cfg.flags & CFG_ALL != 0 || unsafe { WATCHED.get(&tgid) }.is_some()
+    cfg.flags & CFG_ALL != 0 || unsafe { WATCHED.get(tgid) }.is_some()
 }
 
 /// Counts one drop of `cause` on this CPU.
@@ -187,7 +187,7 @@ fn begin_dying(
     sig: u32,
     code: i32,
 ) -> Option<*mut Dying> {
-    if let Some(d) = DYING.get_ptr_mut(&tgid) {
+    if let Some(d) = DYING.get_ptr_mut(tgid) {
         return Some(d);
     }
     let o = &cfg.offsets;
@@ -203,14 +203,14 @@ fn begin_dying(
         code,
         ..Dying::default()
     };
-    if DYING.insert(&tgid, &d, BPF_NOEXIST as u64).is_err() && DYING.get_ptr_mut(&tgid).is_none() {
+    if DYING.insert(tgid, d, BPF_NOEXIST as u64).is_err() && DYING.get_ptr_mut(tgid).is_none() {
         count(CNT_DYING_FULL);
         warn!(
             &NO_CTX,
             "dying map full: the other threads of {} are not captured", tgid
         );
     }
-    DYING.get_ptr_mut(&tgid)
+    DYING.get_ptr_mut(tgid)
 }
 
 #[raw_tracepoint(tracepoint = "signal_deliver")]
@@ -246,11 +246,12 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     // SAFETY: probe read of the siginfo the kernel is delivering.
     let code = unsafe { read_at::<i32>(info, SI_CODE_OFF as u32) }.unwrap_or(0);
     let dying = if group_exit {
-        let d = DYING.get_ptr_mut(&tgid)?;
+        let d = DYING.get_ptr_mut(tgid)?;
         // SAFETY: `d` points into a live map value. The cap is checked
         // before the add, so a burst of threads on several CPUs may pass
         // it by a few; the counts stay exact.
         if unsafe { (*d).threads + (*d).lost } >= cfg.max_threads as u64 {
+            // SAFETY: as above.
             atomic_inc(unsafe { &raw mut (*d).omitted });
             return None;
         }
@@ -281,11 +282,11 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
                 // the thousand: after the first, the thread's entry is
                 // overwritten in place, which costs far less than an
                 // update of the LRU map.
-                match HANDLED.get_ptr_mut(&tid) {
+                match HANDLED.get_ptr_mut(tid) {
                     // SAFETY: `p` points into a live map value.
                     Some(p) => unsafe { *p = h },
                     None => {
-                        let _ = HANDLED.insert(&tid, &h, 0);
+                        let _ = HANDLED.insert(tid, h, 0);
                     }
                 }
             }
@@ -348,13 +349,13 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
             }
         }
         fill_task(ev, task, &cfg.offsets);
-        if !group_exit && code <= 0 {
-            if let Some(h) = HANDLED.get(&tid) {
-                if h.sig == sig as i32 {
-                    (*ev).prior = *h;
-                    (*ev).flags |= SIG_F_PRIOR;
-                }
-            }
+        if !group_exit
+            && code <= 0
+            && let Some(h) = HANDLED.get(tid)
+            && h.sig == sig as i32
+        {
+            (*ev).prior = *h;
+            (*ev).flags |= SIG_F_PRIOR;
         }
         let n = bpf_get_stack(
             ctx.as_ptr(),
@@ -386,6 +387,7 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
 /// Everything of a record but the signal, registers and stack.
 #[inline(always)]
 unsafe fn init_record(ev: *mut SignalEvent, tgid: u32, tid: u32, flags: u32) {
+    // SAFETY: the caller passes its own ring reservation.
     unsafe {
         (*ev).header = EventHeader {
             kind: EVENT_SIGNAL,
@@ -416,6 +418,8 @@ unsafe fn init_record(ev: *mut SignalEvent, tgid: u32, tid: u32, flags: u32) {
 /// were unreadable.
 #[inline(always)]
 unsafe fn read_regs(ev: *mut SignalEvent, regs: *const c_void) -> bool {
+    // SAFETY: `ev` is the caller's reservation; the registers are read
+    // with the fault-tolerant probe helper.
     unsafe {
         let got = raw_read_kernel(
             addr_of_mut!((*ev).regs) as *mut c_void,
@@ -436,6 +440,7 @@ unsafe fn copy_user_stack(
     stack_size: u32,
     read: impl Fn(*mut c_void, u32, *const c_void) -> i64,
 ) {
+    // SAFETY: `rec` is the caller's reservation.
     unsafe {
         let ev = addr_of_mut!((*rec).event);
         copy_stack(rec, (*ev).regs[REG_SP], stack_size, read);
@@ -446,6 +451,8 @@ unsafe fn copy_user_stack(
 /// Thread identity: comm, and pid/tid in the task's own PID namespace.
 #[inline(always)]
 unsafe fn fill_task(ev: *mut SignalEvent, task: *const u8, o: &KernelOffsets) {
+    // SAFETY: `ev` is the caller's reservation; the task is read with
+    // probes.
     unsafe {
         (*ev).comm = read_at::<[u8; COMM_LEN]>(task, o.task_comm).unwrap_or([0; COMM_LEN]);
         (*ev).ns_tid = ns_nr(o, task);
@@ -477,7 +484,9 @@ unsafe fn copy_stack(
     } else {
         want
     };
+    // SAFETY: `rec` is the caller's reservation (and below).
     let ev = unsafe { addr_of_mut!((*rec).event) };
+    // SAFETY: as above.
     let buf = unsafe { addr_of_mut!((*rec).stack) } as *mut u8;
     let mut off: u32 = 0;
     let mut copied = false;
@@ -496,6 +505,7 @@ unsafe fn copy_stack(
             break;
         }
         let r = read(
+            // SAFETY: `o` is masked below STACK_MAX, inside the buffer.
             unsafe { buf.add(o) } as *mut c_void,
             c as u32,
             addr as *const c_void,

@@ -78,14 +78,14 @@ fn try_fork(ctx: &RawTracePointContext) -> Option<()> {
     }
     let (tgid, tid) = current_ids(cfg)?;
     // SAFETY: presence test only.
-    unsafe { WATCHED.get(&tgid) }?;
+    unsafe { WATCHED.get(tgid) }?;
     let child: *const u8 = ctx.arg(1);
     // SAFETY: probe reads of the new task.
     let (child_tgid, _) = unsafe { task_ids(cfg, child) }?;
     if child_tgid == tgid {
         return None; // a new thread, already covered
     }
-    if WATCHED.insert(&child_tgid, &1, 0).is_err() {
+    if WATCHED.insert(child_tgid, 1, 0).is_err() {
         count(CNT_WATCH_FULL);
     }
     emit_proc(EVENT_FORK, tgid, tid, child_tgid, 0, 0, bookkeeping(cfg));
@@ -137,7 +137,7 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
 fn try_exit(ctx: &RawTracePointContext) -> Option<()> {
     let cfg = config()?;
     let (tgid, tid) = current_ids(cfg)?;
-    let d = DYING.get_ptr_mut(&tgid);
+    let d = DYING.get_ptr_mut(tgid);
     // SAFETY: `d` points into a live map value; the scan count is a cap,
     // so a race between exiting threads costs at most a scan or two.
     let dying = d.map(|d| unsafe {
@@ -154,8 +154,8 @@ fn try_exit(ctx: &RawTracePointContext) -> Option<()> {
     if dying.is_none() && !watched(cfg, tgid) {
         return None;
     }
-    let _ = DYING.remove(&tgid);
-    let _ = WATCHED.remove(&tgid);
+    let _ = DYING.remove(tgid);
+    let _ = WATCHED.remove(tgid);
     let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
         // Without the exit record userspace still reports a death it saw
         // a thread of (after a stall); one it saw nothing of is lost whole.
@@ -361,6 +361,7 @@ fn try_generate(ctx: &RawTracePointContext) -> Option<()> {
     // SAFETY: probe reads of the target's signal handlers.
     let sighand = unsafe { read_at::<*const u8>(task, o.task_sighand) }?;
     let slot = o.sighand_action + (sig - 1) * o.k_sigaction_size;
+    // SAFETY: a probe read of the handler slot.
     if unsafe { read_at::<u64>(sighand, slot) }? != SIG_DFL {
         return None; // the process handles it and may well survive
     }

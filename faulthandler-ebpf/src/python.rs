@@ -110,13 +110,8 @@ unsafe fn note_err(s: *mut PyScratch, addr: u64, r: i64) {
 unsafe fn user_u64(s: *mut PyScratch, addr: u64) -> Option<u64> {
     let mut v: u64 = 0;
     // SAFETY: the helper checks the source and writes 8 bytes to `v`.
-    let r = unsafe {
-        bpf_probe_read_user(
-            &mut v as *mut u64 as *mut c_void,
-            8,
-            addr as *const c_void,
-        )
-    };
+    let r =
+        unsafe { bpf_probe_read_user(&mut v as *mut u64 as *mut c_void, 8, addr as *const c_void) };
     if r != 0 {
         // SAFETY: as above.
         unsafe { note_err(s, addr, r) };
@@ -281,7 +276,11 @@ unsafe fn copy_bytes(s: *mut PyScratch, addr: u64, cap: u32) {
         }
         let size = buf_u64(s, (*s).region + REGION_HEADER + size_at) as i64;
         if size > 0 {
-            let n = if size > cap as i64 { cap as u64 } else { size as u64 };
+            let n = if size > cap as i64 {
+                cap as u64
+            } else {
+                size as u64
+            };
             region_extend(s, n);
         }
         region_end(s);
@@ -320,7 +319,10 @@ unsafe fn copy_code(s: *mut PyScratch, code: u64) {
             (*s).flags |= PYS_F_CODES_CAPPED as u64;
             return;
         }
-        *(*s).codes.as_mut_ptr().add((n as usize) & (PY_CODES_MAX - 1)) = code;
+        *(*s)
+            .codes
+            .as_mut_ptr()
+            .add((n as usize) & (PY_CODES_MAX - 1)) = code;
         (*s).ncodes = n + 1;
         (*s).last_code = code;
         let p = &(*s).proc_;
@@ -469,7 +471,7 @@ unsafe fn find_thread(s: *mut PyScratch) -> u32 {
 #[inline(always)]
 pub fn capture(tgid: u32, tid: u32, ns_tid: u32, fsbase: u64, dying: bool) -> u32 {
     // SAFETY: the value is copied at once.
-    let Some(p) = (unsafe { PY_PROCS.get(&tgid) }) else {
+    let Some(p) = (unsafe { PY_PROCS.get(tgid) }) else {
         return 0;
     };
     let p = *p;

@@ -59,6 +59,8 @@ pub unsafe fn capture(
     let Some(st) = SCAN.get_ptr_mut(0) else {
         return 0;
     };
+    // SAFETY: `st` points into this CPU's scratch value; reads of kernel
+    // and user memory go through probes.
     unsafe {
         (*st).sp = sp;
         (*st).n = 0;
@@ -94,16 +96,19 @@ unsafe fn lookup(task: *mut aya_ebpf::bindings::task_struct, addr: u64) -> i64 {
     let Some(st) = SCAN.get_ptr_mut(0) else {
         return 1;
     };
+    // SAFETY: this CPU's scratch value (and below).
     let n = unsafe { (*st).n };
     for j in 0..VMA_MAX {
         if j as u64 >= n {
             break;
         }
+        // SAFETY: as above; `j` is below VMA_MAX.
         let v = unsafe { &(*st).vmas[j] };
         if addr >= v.start && addr < v.end {
             return 0;
         }
     }
+    // SAFETY: as above.
     let sp = unsafe { (*st).sp };
     if addr >= sp && addr - sp < STACK_SPAN {
         return 0;
@@ -133,11 +138,15 @@ extern "C" fn scan_word(i: u64, _ctx: *mut c_void) -> i64 {
     let Some(st) = SCAN.get_ptr_mut(0) else {
         return 1;
     };
+    // SAFETY: this CPU's scratch value.
     let sp = unsafe { (*st).sp };
+    // SAFETY: a probe read of user memory.
     let Ok(word) = (unsafe { bpf_probe_read_user((sp + i * 8) as *const u64) }) else {
         return 0;
     };
+    // SAFETY: the current task is valid for the program's run.
     let task = unsafe { bpf_get_current_task_btf() };
+    // SAFETY: `task` is the current task.
     unsafe { lookup(task, word) }
 }
 
@@ -149,6 +158,8 @@ extern "C" fn record_vma(_task: *mut c_void, vma: *mut c_void, _ctx: *mut c_void
     };
     let o = &cfg.offsets;
     let vma = vma as *const u8;
+    // SAFETY: `vma` is the VMA bpf_find_vma hands the callback; every
+    // read goes through probes, and `st` is this CPU's scratch value.
     unsafe {
         let start = read_at::<u64>(vma, o.vma_vm_start).unwrap_or(0);
         let end = read_at::<u64>(vma, o.vma_vm_end).unwrap_or(0);
@@ -178,10 +189,10 @@ extern "C" fn record_vma(_task: *mut c_void, vma: *mut c_void, _ctx: *mut c_void
                     v.dev = read_at::<u32>(sb, o.sb_s_dev).unwrap_or(0);
                 }
             }
-            if let Some(dentry) = read_at::<*const u8>(file, o.file_f_path_dentry) {
-                if let Some(name) = read_at::<*const u8>(dentry, o.dentry_d_name_name) {
-                    let _ = bpf_probe_read_kernel_str_bytes(name, &mut v.name);
-                }
+            if let Some(dentry) = read_at::<*const u8>(file, o.file_f_path_dentry)
+                && let Some(name) = read_at::<*const u8>(dentry, o.dentry_d_name_name)
+            {
+                let _ = bpf_probe_read_kernel_str_bytes(name, &mut v.name);
             }
         }
         (*st).n = n as u64 + 1;

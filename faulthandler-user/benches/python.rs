@@ -59,7 +59,11 @@ fn python() -> Option<PathBuf> {
             .into_iter()
             .flatten()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{minor}.")))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{minor}."))
+            })
             .map(|e| e.path().join(format!("bin/python{minor}")))
             .filter(|p| p.exists())
             .collect();

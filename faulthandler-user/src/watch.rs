@@ -448,7 +448,10 @@ impl Watcher {
 /// live process now, just after the dump: one walk of every thread state,
 /// matched to the records by thread id.
 fn live_python(pid: u32, target: &PyTarget, threads: &mut [ThreadJob]) {
-    if !threads.iter().any(|t| t.cap.event.flags & (SIG_F_DUMP | SIG_F_SAMPLE) != 0) {
+    if !threads
+        .iter()
+        .any(|t| t.cap.event.flags & (SIG_F_DUMP | SIG_F_SAMPLE) != 0)
+    {
         return;
     }
     let walk = walk(&ProcMem::new(pid), target);
@@ -460,7 +463,10 @@ fn live_python(pid: u32, target: &PyTarget, threads: &mut [ThreadJob]) {
             // Not found in a list that was torn under the walk: say so.
             Ok(w) => live_thread(w, &t.cap).or_else(|| {
                 w.error.as_ref().map(|e| ThreadPython {
-                    error: Some(format!("the thread list changed under the walk: {}", e.reason())),
+                    error: Some(format!(
+                        "the thread list changed under the walk: {}",
+                        e.reason()
+                    )),
                     ..ThreadPython::default()
                 })
             }),

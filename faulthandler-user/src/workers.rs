@@ -18,10 +18,10 @@ use faulthandler_common::Dying;
 
 use crate::{
     assemble::{Cause, resolve_cause},
+    cli::StackMode,
     decode::SignalCapture,
     modules::Module,
     pipeline::{Pipeline, ThreadInput},
-    cli::StackMode,
     profile::Profile,
     python::{
         attach::{ThreadPython, apply, signal_thread},

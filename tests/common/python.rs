@@ -74,10 +74,7 @@ impl Interp {
         std::fs::write(&host, text).expect("write script");
         let target = match &self.root {
             None => host.to_string_lossy().into_owned(),
-            Some(root) => format!(
-                "/{}",
-                host.strip_prefix(root).unwrap().to_string_lossy()
-            ),
+            Some(root) => format!("/{}", host.strip_prefix(root).unwrap().to_string_lossy()),
         };
         Script {
             host,
@@ -156,7 +153,10 @@ pub fn interpreters() -> Vec<Interp> {
             );
         }
     }
-    assert!(!found.is_empty(), "no CPython 3.8+ interpreter found at all");
+    assert!(
+        !found.is_empty(),
+        "no CPython 3.8+ interpreter found at all"
+    );
     found
 }
 

@@ -423,8 +423,12 @@ impl Tracker {
         keys: &[(u64, u64)],
     ) -> Option<Result<PyTarget, String>> {
         let files = &mut self.files;
-        let mapped = modules.iter().zip(keys).map(|(m, &k)| (MappedElf::from(m), k));
-        let by_path: HashMap<&Path, (u64, u64)> = mapped.clone().map(|(m, k)| (m.open_path, k)).collect();
+        let mapped = modules
+            .iter()
+            .zip(keys)
+            .map(|(m, &k)| (MappedElf::from(m), k));
+        let by_path: HashMap<&Path, (u64, u64)> =
+            mapped.clone().map(|(m, k)| (m.open_path, k)).collect();
         let probe = |m: MappedElf<'_>| {
             let Some(file) = by_path.get(m.open_path).and_then(|k| files.get_mut(k)) else {
                 return Ok(None);
@@ -511,7 +515,6 @@ impl Tracker {
         }
         out
     }
-
 
     /// The modules to unwind and symbolize a capture of `pid` with: what
     /// was read from /proc ahead of time, completed by the mappings the

@@ -80,10 +80,7 @@ fn py_proc_of(t: &PyTarget) -> Result<PyProc, PyError> {
         tstate_frame: off("PyThreadState's frame", l.tstate_frame)?,
         cframe_current_frame: off("_PyCFrame.current_frame", l.cframe_current_frame)?,
         tstate_thread_id: off("PyThreadState.thread_id", l.tstate_thread_id)?,
-        tstate_native_thread_id: off(
-            "PyThreadState.native_thread_id",
-            l.tstate_native_thread_id,
-        )?,
+        tstate_native_thread_id: off("PyThreadState.native_thread_id", l.tstate_native_thread_id)?,
         frame_previous: in_frame("the frame's previous", l.frame_previous)?,
         frame_code: in_frame("the frame's code", l.frame_code)?,
         // One byte, read at most 7 bytes before the header's end.
@@ -97,7 +94,11 @@ fn py_proc_of(t: &PyTarget) -> Result<PyProc, PyError> {
         code_linetable: in_code("co_linetable", l.code_linetable)?,
         unicode_length: in_str("the string length", l.unicode_length)?,
         // A 4-byte field.
-        unicode_state: within("the string state", l.unicode_state, l.unicode_ascii_data + 4)?,
+        unicode_state: within(
+            "the string state",
+            l.unicode_state,
+            l.unicode_ascii_data + 4,
+        )?,
         unicode_ascii_data: header("a string header", l.unicode_ascii_data)?,
         unicode_compact_data: off("the compact string data", l.unicode_compact_data)?,
         bytes_size: in_bytes("the bytes size", l.bytes_size)?,
@@ -236,7 +237,9 @@ mod tests {
             ..PyStackEvent::default()
         };
         assert!(decode_stack(&t, &ev(PYS_NO_THREAD, 0), &[]).no_thread);
-        let e = decode_stack(&t, &ev(PYS_READ, -libc::EFAULT), &[]).error.unwrap();
+        let e = decode_stack(&t, &ev(PYS_READ, -libc::EFAULT), &[])
+            .error
+            .unwrap();
         assert!(e.contains("paged out") && !e.contains("0x7000"), "{e}");
         // The first frame was not copied (paged out).
         let mut paged = ev(PYS_OK, -libc::EFAULT);

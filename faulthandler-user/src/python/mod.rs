@@ -17,10 +17,10 @@
 pub(crate) mod attach;
 pub(crate) mod debug_offsets;
 pub(crate) mod discover;
+pub(crate) mod kernel;
 pub(crate) mod layout;
 pub(crate) mod linetable;
 pub(crate) mod mem;
-pub(crate) mod kernel;
 pub(crate) mod merge;
 pub(crate) mod regions;
 pub(crate) mod walk;

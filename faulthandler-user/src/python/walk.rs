@@ -512,10 +512,9 @@ impl<'a> Walker<'a> {
 /// Whether byte offset `offset` lies past what `table` describes.
 fn past_table(kind: LineTableKind, table: &[u8], offset: i64) -> bool {
     let covered: i64 = match kind {
-        LineTableKind::Lnotab | LineTableKind::Lines310 => table
-            .chunks_exact(2)
-            .map(|p| i64::from(p[0]))
-            .sum(),
+        LineTableKind::Lnotab | LineTableKind::Lines310 => {
+            table.chunks_exact(2).map(|p| i64::from(p[0])).sum()
+        }
         // Entries start with a header byte `1cccclll` (length - 1 in code
         // units): a cut table counts its whole entries' lengths, which is
         // at least what it covers.

@@ -54,7 +54,9 @@ impl Memory for FakeMem {
         self.regions
             .range(..=addr)
             .next_back()
-            .map_or(0, |(start, r)| r.len().saturating_sub((addr - start) as usize))
+            .map_or(0, |(start, r)| {
+                r.len().saturating_sub((addr - start) as usize)
+            })
             .min(len)
     }
 }
