@@ -301,14 +301,7 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
 
     // The Python frames go first, so that userspace has them when the
     // signal record arrives (an --on-signal report is made at once).
-    // SAFETY: probe reads of the current task.
-    let (ns_tid, fsbase) = unsafe {
-        (
-            ns_nr(&cfg.offsets, task),
-            read_at::<u64>(task, cfg.offsets.task_fsbase).unwrap_or(0),
-        )
-    };
-    let py_flags = python::capture(tgid, tid, ns_tid, fsbase, dying.is_some());
+    let py_flags = python::capture(cfg, task, tgid, tid);
     let Some(mut entry) = EVENTS.reserve::<SignalRecord>(0) else {
         warn!(
             ctx,

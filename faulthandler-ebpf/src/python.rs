@@ -20,6 +20,7 @@
 use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
+    bindings::BPF_RB_AVAIL_DATA,
     helpers::generated::{
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user,
     },
@@ -466,15 +467,30 @@ unsafe fn find_thread(s: *mut PyScratch) -> u32 {
 /// Writes the current thread's Python frames as an `EVENT_PYSTACK`
 /// record when `tgid` is a known CPython. Returns the `SIG_F_PYTHON*`
 /// flag for the thread's signal record (0: not a known CPython).
-/// `ns_tid` is the thread's id in its own PID namespace, `fsbase` its TLS
-/// base; `dying`: a failed write counts as a lost thread's.
+/// `task` is the current task, matched to its thread state by its id in
+/// its own PID namespace or its TLS base.
 #[inline(always)]
-pub fn capture(tgid: u32, tid: u32, ns_tid: u32, fsbase: u64, dying: bool) -> u32 {
+pub fn capture(cfg: &Config, task: *const u8, tgid: u32, tid: u32) -> u32 {
     // SAFETY: the value is copied at once.
     let Some(p) = (unsafe { PY_PROCS.get(tgid) }) else {
         return 0;
     };
     let p = *p;
+    // Not without room for this record and the thread's own after it: a
+    // crash of many Python threads must not fill the ring with Python
+    // frames and lose the native stacks they belong to.
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if pending + (PY_RECORD_MAX + size_of::<SignalRecord>()) as u64 > RING_BYTES as u64 {
+        count(CNT_PYTHON_RING_FULL);
+        return SIG_F_PYTHON_LOST;
+    }
+    // SAFETY: probe reads of the current task.
+    let (ns_tid, fsbase) = unsafe {
+        (
+            crate::ns_nr(&cfg.offsets, task),
+            crate::read_at::<u64>(task, cfg.offsets.task_fsbase).unwrap_or(0),
+        )
+    };
     let Some(s) = scratch() else { return 0 };
     // SAFETY: `s` is this CPU's scratch value, used by one program at a
     // time (interrupts are off in signal_deliver).
@@ -540,11 +556,7 @@ pub fn capture(tgid: u32, tid: u32, ns_tid: u32, fsbase: u64, dying: bool) -> u3
         );
         let record = core::slice::from_raw_parts((*s).buf.as_ptr(), used as usize);
         if EVENTS.output::<[u8]>(record, 0).is_err() {
-            count(if dying {
-                CNT_THREAD_RING_FULL
-            } else {
-                CNT_EVENT_RING_FULL
-            });
+            count(CNT_PYTHON_RING_FULL);
             return SIG_F_PYTHON_LOST;
         }
         SIG_F_PYTHON

@@ -226,6 +226,9 @@ impl Assembler {
     pub fn on(&mut self, input: Input, now: Instant) -> Option<Output> {
         match input {
             Input::Signal(s) => self.signal(s, now),
+            // What still trickles in of a death already reported after a
+            // stall (the stuck thread itself, at last) is not a new death.
+            Input::Killed(pid, _) if self.given_up.contains_key(&pid) => None,
             Input::Killed(pid, k) => {
                 let d = self.dying.entry(pid).or_insert_with(|| Death::new(now));
                 d.killed = Some(k);
@@ -249,6 +252,7 @@ impl Assembler {
             }
             Input::Exit(e) => {
                 if self.given_up.remove(&e.pid).is_some() {
+                    self.dying.remove(&e.pid);
                     return None;
                 }
                 let death = self.dying.remove(&e.pid);
@@ -274,6 +278,9 @@ impl Assembler {
         }
         let pid = ev.pid;
         if ev.flags & SIG_F_GROUP_EXIT != 0 {
+            if self.given_up.contains_key(&pid) {
+                return None; // a straggler of a death already reported
+            }
             let d = self.dying.entry(pid).or_insert_with(|| Death::new(now));
             d.since = now;
             d.siblings.push(s);
@@ -284,6 +291,9 @@ impl Assembler {
             let asked = self.on_signal & (1u64 << (ev.sig as u32 & 63)) != 0;
             return asked.then_some(Output::OnSignal(s));
         }
+        // A new fatal delivery is a new death, whatever became of the last
+        // one with this pid.
+        self.given_up.remove(&pid);
         let d = self.dying.entry(pid).or_insert_with(|| Death::new(now));
         d.since = now;
         if d.primary.is_none() {

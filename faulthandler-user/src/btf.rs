@@ -320,7 +320,7 @@ impl Btf {
 /// The raw tracepoints the probes attach to, the arguments they read,
 /// and what needs them: checked before loading, so an old kernel gets a
 /// sentence instead of a verifier log.
-const TRACEPOINTS: [(&str, u32, &str); 7] = [
+pub(crate) const TRACEPOINTS: [(&str, u32, &str); 7] = [
     ("signal_deliver", 3, "crash capture; Linux 4.x and later"),
     (
         "signal_generate",

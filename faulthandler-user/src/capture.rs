@@ -23,17 +23,6 @@ use thiserror::Error;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/faulthandler"));
 
-/// Tracepoints attached, program name = tracepoint name.
-const TRACEPOINTS: [&str; 7] = [
-    "signal_deliver",
-    "signal_generate",
-    "mark_victim",
-    "sched_process_fork",
-    "sched_process_exec",
-    "sched_process_exit",
-    "ma_write",
-];
-
 #[derive(Debug, Error)]
 pub enum CaptureError {
     #[error(
@@ -133,7 +122,9 @@ impl Capture {
                     CaptureError::Load(e)
                 }
             })?;
-        for name in TRACEPOINTS.iter().copied().filter(|_| opts.watch) {
+        // Tracepoints attached, program name = tracepoint name.
+        for (name, _, _) in crate::btf::TRACEPOINTS.iter().filter(|_| opts.watch) {
+            let name = *name;
             let prog: &mut RawTracePoint = program(&mut ebpf, name)?;
             prog.load().map_err(program_error(name))?;
             prog.attach(name).map_err(program_error(name))?;
@@ -262,6 +253,15 @@ impl Capture {
                 )
                 .map_err(program_error("sample"))?;
             self.profiling.push(l);
+        }
+        Ok(())
+    }
+
+    /// Stops the sampling `start_profiling` began.
+    pub fn stop_profiling(&mut self) -> Result<(), CaptureError> {
+        let prog: &mut PerfEvent = program(&mut self.ebpf, "sample")?;
+        for l in self.profiling.drain(..) {
+            let _ = prog.detach(l);
         }
         Ok(())
     }

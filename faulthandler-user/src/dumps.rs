@@ -89,6 +89,8 @@ pub struct Snapshot {
     /// When the dump began, wall clock ns.
     pub time_ns: i128,
     pub partial: Option<String>,
+    /// The process exited while it was dumped.
+    pub exited: bool,
 }
 
 impl Watcher {
@@ -127,6 +129,7 @@ impl Watcher {
             threads: c.threads,
             time_ns,
             partial,
+            exited: c.exited,
         })
     }
 
@@ -189,12 +192,34 @@ impl Watcher {
     /// A `timeout` or `on_demand` report job of every thread of `pid`.
     pub fn dump_job(&mut self, pid: u32, kind: Kind) -> Result<ReportJob, CaptureError> {
         let snap = self.snapshot(pid)?;
-        let exited = snap.partial.is_some();
-        let mut job = self.job(kind, pid, None, snap.threads, snap.time_ns);
+        Ok(self.snapshot_job(kind, pid, None, snap))
+    }
+
+    /// The report job of a snapshot, `current` (a thread as a signal found
+    /// it) first. A process that exited during the dump is forgotten once
+    /// its job has taken what is known of it.
+    pub(crate) fn snapshot_job(
+        &mut self,
+        kind: Kind,
+        pid: u32,
+        current: Option<Box<SignalCapture>>,
+        snap: Snapshot,
+    ) -> ReportJob {
+        let exited = snap.exited;
+        let time_ns = current
+            .as_ref()
+            .map_or(snap.time_ns, |c| self.wall_ns(c.event.ktime_ns));
+        let tid = current.as_ref().map(|c| c.event.tid);
+        let others = snap
+            .threads
+            .into_iter()
+            .filter(|o| Some(o.event.tid) != tid)
+            .collect();
+        let mut job = self.job(kind, pid, current, others, time_ns);
         job.partial = snap.partial;
         if exited {
             self.tracker.forget(pid);
         }
-        Ok(job)
+        job
     }
 }

@@ -14,6 +14,9 @@ use serde::Serialize;
 
 use crate::{escape::escape, report::Frame};
 
+/// Most distinct stacks a profile keeps apart.
+const MAX_STACKS: usize = 10_000;
+
 /// Most distinct `file:line` variants remembered per stack; later new
 /// variants are still counted in the stack, only not as a variant.
 const MAX_PLACES: usize = 64;
@@ -152,10 +155,18 @@ impl Profile {
     /// One CPU sample of thread `thread_name`; frames innermost first.
     pub fn add(&mut self, thread_name: &str, frames: &[Frame]) {
         self.samples += 1;
-        let key = Stack {
+        let mut key = Stack {
             thread: thread_name.to_string(),
             names: frames.iter().map(frame_name).collect(),
         };
+        // A long profile of ever-new stacks (a JIT, say) stays bounded: the
+        // rest are counted together.
+        if self.stacks.len() >= MAX_STACKS && !self.stacks.contains_key(&key) {
+            key = Stack {
+                thread: thread_name.to_string(),
+                names: vec![format!("(other stacks, beyond {MAX_STACKS})")],
+            };
+        }
         let places: Vec<Place> = frames
             .iter()
             .map(|f| match f {

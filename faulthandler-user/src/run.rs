@@ -46,6 +46,8 @@ pub enum RunError {
     KernelThread(i64),
     #[error("--ready-fd {0} is not an open file descriptor")]
     ReadyFd(i32, #[source] std::io::Error),
+    #[error("cannot start the worker thread")]
+    Workers(#[source] std::io::Error),
     #[error("the program loader thread panicked")]
     Panicked,
     #[error("nothing to watch: give `-- COMMAND`, `--pid PID` or `--all` (see --help)")]
@@ -106,18 +108,6 @@ fn check_pid(pid: i64) -> Result<u32, RunError> {
     Ok(p)
 }
 
-fn signal_mask(names: &[String]) -> Result<u64, RunError> {
-    let sigs: Vec<i32> = if names.is_empty() {
-        signals::DEFAULT_FATAL.to_vec()
-    } else {
-        names
-            .iter()
-            .map(|n| signals::parse(n))
-            .collect::<Result<_, _>>()?
-    };
-    Ok(sigs.iter().fold(0u64, |m, &s| m | (1u64 << s)))
-}
-
 extern "C" fn on_stop(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
@@ -139,13 +129,8 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
     if let Some(fd) = cli.ready_fd {
         ready::claim(fd).map_err(|e| RunError::ReadyFd(fd, e))?;
     }
-    let mask = signal_mask(&cli.signals)?;
-    let on_signal = cli
-        .on_signal
-        .iter()
-        .map(|n| signals::parse(n))
-        .collect::<Result<Vec<_>, _>>()?;
-    let on_signal = on_signal.iter().fold(0u64, |m, &s| m | (1u64 << s));
+    let mask = signals::mask(&cli.signals, &signals::DEFAULT_FATAL)?;
+    let on_signal = signals::mask(&cli.on_signal, &[])?;
     let pids = cli
         .pids
         .iter()
@@ -245,9 +230,12 @@ fn watcher(
     raise_nofile();
     // Three things overlap: parsing kernel BTF for our offsets, loading
     // and verifying the programs, and warming the pipeline here.
-    let offsets = std::thread::spawn(|| {
+    let offsets = std::thread::spawn(move || {
         let b = btf::Btf::from_sys_fs()?;
-        btf::check_tracepoints(&b)?;
+        // `dump` attaches no tracepoint: an older kernel may still dump.
+        if watch {
+            btf::check_tracepoints(&b)?;
+        }
         btf::kernel_offsets(&b)
     });
     let opts = CaptureOptions {
@@ -293,7 +281,8 @@ fn watcher(
             flamegraph: cli.flamegraph.clone(),
             warm: warm_modules,
         },
-    );
+    )
+    .map_err(RunError::Workers)?;
     let capture = loading.join().map_err(|_| RunError::Panicked)??;
     let mut w = Watcher::new(capture, tracker, workers, masks.on_signal);
     w.set_stack_mode(cli.stack);
@@ -405,6 +394,9 @@ fn watch_loop(w: &mut Watcher, mut mode: Mode, mut timer: Option<Timer>) -> Resu
         } else if t.repeat {
             t.next += t.every;
         } else {
+            // The one timeout dump is out: nothing more to profile for.
+            w.capture.stop_profiling()?;
+            w.stop_profiles();
             timer = None;
         }
     };

@@ -25,12 +25,33 @@ pub const DEFAULT_FATAL: [i32; 7] = [SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, S
 /// with an address (x86 uses it for general-protection faults and int3).
 pub use faulthandler_common::SI_KERNEL;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SignalError {
     #[error("unknown signal name '{0}': use a name like SIGSEGV or a number 1-64")]
     UnknownName(String),
     #[error("signal number {0} is out of range: use a name like SIGSEGV or a number 1-64")]
     OutOfRange(String),
+    #[error(
+        "signal '{0}' (64, SIGRTMAX) cannot be watched: the kernel side watches signals 1 to 63"
+    )]
+    Unwatchable(String),
+}
+
+/// The bit mask of the signals `names` (or `default` when there are
+/// none), as the kernel side tests them: bit N is signal N.
+pub fn mask(names: &[String], default: &[i32]) -> Result<u64, SignalError> {
+    let mut m = default.iter().fold(0u64, |m, &s| m | (1u64 << s));
+    if !names.is_empty() {
+        m = 0;
+    }
+    for n in names {
+        let sig = parse(n)?;
+        if sig >= 64 {
+            return Err(SignalError::Unwatchable(n.clone()));
+        }
+        m |= 1u64 << sig;
+    }
+    Ok(m)
 }
 
 /// (name, description) for 1..=31, indexed by number - 1.
@@ -242,6 +263,26 @@ pub fn user_sent(code: i32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masks() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(mask(&[], &[SIGSEGV]), Ok(1 << 11));
+        assert_eq!(
+            mask(&names(&["SIGBUS", "8"]), &[SIGSEGV]),
+            Ok((1 << 7) | (1 << 8))
+        );
+        assert_eq!(mask(&[], &[]), Ok(0));
+        for unwatchable in ["64", "SIGRTMAX", "RTMIN+30"] {
+            assert!(
+                matches!(
+                    mask(&names(&[unwatchable]), &[]),
+                    Err(SignalError::Unwatchable(_))
+                ),
+                "{unwatchable}"
+            );
+        }
+    }
 
     #[test]
     fn names_round_trip() {

@@ -5,7 +5,7 @@ use std::{
     ffi::{CString, OsStr},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
+        unix::ffi::{OsStrExt, OsStringExt},
     },
     sync::OnceLock,
 };
@@ -136,6 +136,20 @@ pub fn spawn(w: &mut Watcher, command: &[String]) -> Result<libc::pid_t, RunErro
     }
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
+    // Everything exec needs is prepared before fork: the worker thread is
+    // already running, so the child may only make async-signal-safe calls,
+    // and execvp's PATH search (which may allocate) is not one.
+    let candidates = exec_candidates(name);
+    let env: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let mut kv = k.into_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
     // Looked up before fork (getgrouplist is not async-signal-safe); run.rs
     // has already refused a bad sudo environment, this only fails closed.
     let invoker = invoker().map_err(|e| spawn_err(std::io::Error::other(e)))?;
@@ -153,9 +167,9 @@ pub fn spawn(w: &mut Watcher, command: &[String]) -> Result<libc::pid_t, RunErro
     // SAFETY: pipe2 succeeded, so both are open descriptors nothing else
     // owns; as OwnedFds they close themselves on every path out of here.
     let (go_read, go_write) = unsafe { (OwnedFd::from_raw_fd(go[0]), OwnedFd::from_raw_fd(go[1])) };
-    // SAFETY: rfh-trace is single-threaded here (the loader and file
-    // opening threads have been joined), and the child below calls only
-    // async-signal-safe functions before exec or _exit.
+    // SAFETY: the child below calls only async-signal-safe functions on
+    // memory prepared before the fork, then execs or exits: safe even
+    // though other threads (the worker) run in the parent.
     let child = unsafe { libc::fork() };
     if child < 0 {
         return Err(spawn_err(std::io::Error::last_os_error()));
@@ -186,11 +200,24 @@ pub fn spawn(w: &mut Watcher, command: &[String]) -> Result<libc::pid_t, RunErro
                     libc::_exit(126);
                 }
             }
-            libc::execvp(argv[0], argv.as_ptr());
-            let (code, msg) = if *libc::__errno_location() == libc::ENOENT {
-                (127, &not_found)
-            } else {
+            // execvp's rules: try each PATH entry; a file found but not
+            // runnable (EACCES) is "cannot run" unless a later one runs.
+            let mut denied = false;
+            for c in &candidates {
+                libc::execve(c.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                match *libc::__errno_location() {
+                    libc::ENOENT | libc::ENOTDIR => {}
+                    libc::EACCES => denied = true,
+                    _ => {
+                        denied = true;
+                        break;
+                    }
+                }
+            }
+            let (code, msg) = if denied {
                 (126, &cannot_run)
+            } else {
+                (127, &not_found)
             };
             libc::write(2, msg.as_ptr().cast(), msg.as_bytes().len());
             libc::_exit(code);
@@ -338,4 +365,25 @@ mod tests {
         let e = sudo_ids(Some(OsStr::from_bytes(b"10\xff")), Some(OsStr::new("1"))).unwrap_err();
         assert!(matches!(e, SudoError::NotAnId { .. }));
     }
+}
+
+/// The paths exec tries for `name`, in order, as execvp would: `name`
+/// itself when it holds a `/`, else each `$PATH` directory (the default
+/// search path when `PATH` is unset) joined with it.
+fn exec_candidates(name: &str) -> Vec<CString> {
+    if name.contains('/') {
+        return CString::new(name).into_iter().collect();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .filter_map(|dir| {
+            // An empty entry is the current directory.
+            let dir = if dir.as_os_str().is_empty() {
+                std::path::PathBuf::from(".")
+            } else {
+                dir
+            };
+            CString::new(dir.join(name).into_os_string().into_vec()).ok()
+        })
+        .collect()
 }

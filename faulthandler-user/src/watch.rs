@@ -15,7 +15,7 @@ use crate::{
     capture::{Capture, CaptureError},
     cli::StackMode,
     decode::{Event, PyStackCapture, SignalCapture, c_str, decode},
-    dumps::Collector,
+    dumps::{Collector, Snapshot},
     losses::{Losses, UserDrops},
     procs::{Tracker, container_id},
     python::{
@@ -56,6 +56,8 @@ pub struct Watcher {
     profiling: bool,
     /// Files the tracker closed, for the workers to forget.
     released: Vec<std::path::PathBuf>,
+    /// Processes that exited, for the workers to drop their profiles.
+    exited_profiles: Vec<u32>,
     last_sweep: Instant,
     /// Which frames reports show; `Native` reads no Python at all.
     pub(crate) stack_mode: StackMode,
@@ -81,6 +83,14 @@ pub(crate) fn clock_ns(clock: libc::clockid_t) -> i128 {
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
 
+/// Hands `pending` to the workers as one job when they have room for it;
+/// keeps it for the next try otherwise.
+fn hand_over<T: Clone>(workers: &Workers, pending: &mut Vec<T>, job: fn(Vec<T>) -> Job) {
+    if !pending.is_empty() && workers.try_submit(job(pending.clone())) {
+        pending.clear();
+    }
+}
+
 pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -104,6 +114,7 @@ impl Watcher {
             dump_seq: 0,
             profiling: false,
             released: Vec::new(),
+            exited_profiles: Vec::new(),
             last_sweep: Instant::now(),
             stack_mode: StackMode::Merged,
             pending_py: HashMap::new(),
@@ -129,6 +140,10 @@ impl Watcher {
     /// Sends CPU samples to the workers for timeout reports' profiles.
     pub fn keep_profiles(&mut self) {
         self.profiling = true;
+    }
+
+    pub fn stop_profiles(&mut self) {
+        self.profiling = false;
     }
 
     pub fn take_exited(&mut self) -> Vec<u32> {
@@ -171,14 +186,11 @@ impl Watcher {
             self.last_sweep = now;
             self.tracker.sweep_deleted();
         }
+        // Bookkeeping for the workers is never dropped (a dropped one
+        // would leak there for good): it waits for room instead.
+        hand_over(&self.workers, &mut self.exited_profiles, Job::Forget);
         self.released.extend(self.tracker.take_released());
-        if !self.released.is_empty() {
-            // Kept until the workers have room: a dropped one would leak.
-            let paths = std::mem::take(&mut self.released);
-            if !self.workers.try_submit(Job::ForgetFiles(paths.clone())) {
-                self.released = paths;
-            }
-        }
+        hand_over(&self.workers, &mut self.released, Job::ForgetFiles);
         let dying: Vec<u32> = self.assembler.dying().collect();
         for pid in dying {
             if let Some(counts) = self.capture.dying(pid) {
@@ -292,7 +304,7 @@ impl Watcher {
                     self.output(out);
                 }
                 if self.profiling {
-                    self.workers.submit(Job::Forget(pid));
+                    self.exited_profiles.push(pid);
                 }
                 // A process that exits mid-dump is forgotten once its
                 // report has taken what is known of it.
@@ -425,21 +437,18 @@ impl Watcher {
     /// `--on-signal`: the receiving thread's stack as delivered, then
     /// every other thread as it is now.
     fn signal_report(&mut self, cap: Box<SignalCapture>) {
-        let (pid, tid, ktime) = (cap.event.pid, cap.event.tid, cap.event.ktime_ns);
+        let pid = cap.event.pid;
         let cause = Cause::of(&cap);
         // The process keeps running; a failed dump still leaves the
         // receiving thread's own stack worth reporting.
-        let (others, partial) = match self.snapshot(pid) {
-            Ok(s) => (s.threads, s.partial),
-            Err(e) => (
-                Vec::new(),
-                Some(format!("the other threads could not be dumped: {e}")),
-            ),
-        };
-        let others = others.into_iter().filter(|o| o.event.tid != tid).collect();
-        let mut job = self.job(Kind::Signal, pid, Some(cap), others, self.wall_ns(ktime));
+        let snap = self.snapshot(pid).unwrap_or_else(|e| Snapshot {
+            threads: Vec::new(),
+            time_ns: 0,
+            partial: Some(format!("the other threads could not be dumped: {e}")),
+            exited: false,
+        });
+        let mut job = self.snapshot_job(Kind::Signal, pid, Some(cap), snap);
         job.cause = Some(cause);
-        job.partial = partial;
         self.workers.submit(Job::Report(Box::new(job)));
     }
 }

@@ -72,8 +72,8 @@ pub enum Job {
     Report(Box<ReportJob>),
     /// A CPU sample of `pid` for its next timeout report's profile.
     Sample(Box<ThreadJob>),
-    /// `pid` exited: its profile goes.
-    Forget(u32),
+    /// These processes exited: their profiles go.
+    Forget(Vec<u32>),
     /// Files the tracker closed: what is cached for them goes.
     ForgetFiles(Vec<PathBuf>),
     Loss(LossRecord),
@@ -124,7 +124,7 @@ impl Workers {
     /// Starts the worker with its sinks. The pipeline is made on the
     /// worker's own thread (the symbolizer is not Send), which then warms
     /// it while the caller goes on loading the programs.
-    pub fn start(sinks: Vec<Box<dyn Sink>>, opts: WorkerOptions) -> Self {
+    pub fn start(sinks: Vec<Box<dyn Sink>>, opts: WorkerOptions) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(QUEUE);
         let stats = Arc::new(Stats::default());
         let worker_stats = Arc::clone(&stats);
@@ -144,13 +144,12 @@ impl Workers {
                     stats: worker_stats,
                 };
                 worker.run(rx)
-            })
-            .ok();
-        Self {
+            })?;
+        Ok(Self {
             tx: Some(tx),
-            handle,
+            handle: Some(handle),
             stats,
-        }
+        })
     }
 
     /// Queues a job; a full queue drops it and counts the drop.
@@ -182,10 +181,11 @@ impl Workers {
     /// and for dumps, which the user asked for and waits on.
     pub fn submit_wait(&self, job: Job) {
         if let Some(tx) = &self.tx {
-            self.stats
-                .queued_bytes
-                .fetch_add(job.bytes(), Ordering::Relaxed);
-            let _ = tx.send(job);
+            let bytes = job.bytes();
+            self.stats.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+            if tx.send(job).is_err() {
+                self.stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            }
         }
     }
 
@@ -239,8 +239,10 @@ impl Worker {
                             .add(&thread.name, &thread.frames);
                     }
                 }
-                Job::Forget(pid) => {
-                    self.profiles.remove(&pid);
+                Job::Forget(pids) => {
+                    for pid in pids {
+                        self.profiles.remove(&pid);
+                    }
                 }
                 Job::ForgetFiles(paths) => {
                     for p in &paths {

@@ -187,14 +187,13 @@ fn stalled_death_goes_out_partial_and_progress_delays_it() {
     assert!(c.partial.as_deref().unwrap().contains("stuck"));
     assert_eq!(c.counts.omitted, 500);
     assert_eq!(a.dying().count(), 0);
-    // Its exit record, coming late after all, makes no second report.
-    assert!(
-        a.on(
-            Input::Exit(exit(Some(counts(1, 999, 0, 1000)))),
-            t + STALL * 3
-        )
-        .is_none()
-    );
+    // The stuck thread's record, then the exit record, coming late after
+    // all, make no second report, now or later.
+    assert!(a.on(Input::Signal(sibling(102)), t + STALL * 3).is_none());
+    let late = Input::Exit(exit(Some(counts(1, 999, 0, 1000))));
+    assert!(a.on(late, t + STALL * 3).is_none());
+    assert_eq!(a.dying().count(), 0);
+    assert!(a.tick(t + STALL * 10).is_empty());
 }
 
 #[test]

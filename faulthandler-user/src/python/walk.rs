@@ -327,7 +327,7 @@ impl<'a> Walker<'a> {
         if l.has(flags::CODE_TAGGED) {
             code_addr &= !CODE_TAG_MASK;
         }
-        let code = self.code(code_addr)?.clone();
+        let code = self.code(code_addr)?;
         // Byte offset of the current instruction and its address.
         let (offset, instr_addr) = match l.instr_kind() {
             kind @ (InstrKind::LastiBytes | InstrKind::LastiUnits) => {
@@ -339,7 +339,7 @@ impl<'a> Walker<'a> {
                 };
                 let addr = code
                     .bytecode
-                    .filter(|_| offset >= 0)
+                    .filter(|_| (0..MAX_CODE_BYTES).contains(&offset))
                     .map(|b| b.wrapping_add(offset as u64));
                 (offset, addr)
             }
@@ -350,7 +350,11 @@ impl<'a> Walker<'a> {
                 // prev_instr is one unit before the code before the first
                 // instruction ran (3.11, 3.12).
                 let offset = if instr < base { -1 } else { offset };
-                (offset, (instr >= base).then_some(instr))
+                // The pointer is a word of the frame: only an address inside
+                // the code object's bytecode is one; anything else could be
+                // memory contents, and a report never shows those.
+                let inside = (0..MAX_CODE_BYTES).contains(&offset);
+                (offset, inside.then_some(instr))
             }
         };
         let mut line = if offset < MAX_CODE_BYTES {
@@ -381,9 +385,9 @@ impl<'a> Walker<'a> {
         };
         Ok(PyFrame {
             code_addr,
-            function: code.function,
-            qualified_name: code.qualified_name,
-            file: code.file,
+            function: code.function.clone(),
+            qualified_name: code.qualified_name.clone(),
+            file: code.file.clone(),
             line,
             instr_addr,
             is_entry,
