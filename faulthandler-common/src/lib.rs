@@ -229,7 +229,7 @@ pub struct ProcEvent {
     pub ktime_ns: u64,
     pub pid: u32,
     pub tid: u32,
-    /// Fork: the child's tgid. Exit: threads left out by the thread cap.
+    /// Fork: the child's tgid.
     /// Killed: the signal number. Otherwise 0.
     pub arg: u32,
     /// Killed: the sender's tgid, 0 when the kernel sent it.

@@ -293,6 +293,7 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
             if cfg.on_signal_mask & bit == 0 {
                 return None;
             }
+            // An --on-signal delivery: recorded, but nobody is dying.
             None
         } else {
             begin_dying(cfg, task, tgid, sig, code)

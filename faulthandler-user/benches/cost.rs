@@ -303,7 +303,7 @@ fn unwatched(s: &Sizes, work: &dyn Fn() -> Command, cmd_mode: bool) -> Runs {
     // Which of a pair runs first alternates by round: a run right after
     // another (its writeback, a traced run's teardown) is not favoured.
     let paired = |args: &[&str], round: usize| {
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             let bare = run(&mut work());
             let (t, cpu) = traced(args);
             ((bare, t), cpu)
@@ -401,7 +401,7 @@ fn handled_faults(w: &Workloads, s: &Sizes) {
     };
     let (mut pairs, mut rss) = (Vec::new(), Vec::new());
     for round in 0..s.rounds {
-        let ((fault_ns, mib), bare) = if round % 2 == 0 {
+        let ((fault_ns, mib), bare) = if round.is_multiple_of(2) {
             let bare = run(&mut w.cmd("segv", &[&n]));
             (traced(), bare)
         } else {

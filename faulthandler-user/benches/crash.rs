@@ -117,6 +117,8 @@ fn latency(victim: &Path) {
 /// Wall time and peak RSS (KiB) of one run, via wait4's rusage.
 fn timed(cmd: &mut Command) -> (Duration, i64) {
     let start = Instant::now();
+    // Reaped by wait4 below, which also gives its rusage.
+    #[expect(clippy::zombie_processes)]
     let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -229,6 +229,8 @@ fn dumps(dir: &Path) {
 /// user+sys CPU time (ms, including its reaped children).
 fn cpu_run(cmd: &mut Command, out_path: &Path) -> (f64, f64) {
     let out = File::create(out_path).expect("create workload output file");
+    // Reaped by wait4 below, which also gives its rusage.
+    #[expect(clippy::zombie_processes)]
     let child = cmd
         .stdout(out)
         .stderr(Stdio::null())

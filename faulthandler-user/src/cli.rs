@@ -194,14 +194,7 @@ fn is_init(pid: i64) -> bool {
     if pid == 1 {
         return true;
     }
-    let tgid = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Tgid:"))
-                .and_then(|v| v.trim().parse::<i64>().ok())
-        });
-    tgid == Some(1)
+    u32::try_from(pid).is_ok_and(|p| crate::procs::tgid_of(p) == Some(1))
 }
 
 /// The longest DURATION accepted: a year. Longer is almost certainly a

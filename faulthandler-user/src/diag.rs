@@ -8,7 +8,7 @@
 use std::io::Write as _;
 
 /// Writes `rfh-trace: <message>` and a newline to stderr, ignoring errors.
-pub(crate) fn line(args: std::fmt::Arguments<'_>) {
+pub fn line(args: std::fmt::Arguments<'_>) {
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "rfh-trace: {args}");
 }

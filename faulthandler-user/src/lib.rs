@@ -10,7 +10,7 @@ pub(crate) mod btf;
 pub(crate) mod capture;
 pub mod cli;
 pub(crate) mod decode;
-pub(crate) mod diag;
+pub mod diag;
 pub(crate) mod dumps;
 pub(crate) mod escape;
 pub(crate) mod losses;

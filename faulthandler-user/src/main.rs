@@ -1,13 +1,5 @@
-use std::io::Write as _;
-
 use clap::Parser;
-use faulthandler_user::{cli::Cli, run};
-
-/// One line on stderr; a closed stderr is no reason to panic (which
-/// `eprintln!` would), least of all on the way out.
-fn error_line(message: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "rfh-trace: {message}");
-}
+use faulthandler_user::{cli::Cli, diag, run};
 
 fn main() {
     let cli = match Cli::try_parse() {
@@ -17,7 +9,10 @@ fn main() {
         // status 2.
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
-            error_line(&faulthandler_user::cli::one_line(&e.to_string()));
+            diag::line(format_args!(
+                "{}",
+                faulthandler_user::cli::one_line(&e.to_string())
+            ));
             std::process::exit(2);
         }
     };
@@ -30,7 +25,7 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             // One line: the error and its causes, as anyhow's alternate form prints them.
-            error_line(&format!("{:#}", anyhow::Error::from(e)));
+            diag::line(format_args!("{:#}", anyhow::Error::from(e)));
             std::process::exit(2);
         }
     }

@@ -266,6 +266,27 @@ fn supplementary_groups(uid: libc::uid_t, gid: libc::gid_t) -> Vec<libc::gid_t> 
     vec![gid]
 }
 
+/// The paths exec tries for `name`, in order, as execvp would: `name`
+/// itself when it holds a `/`, else each `$PATH` directory (the default
+/// search path when `PATH` is unset) joined with it.
+fn exec_candidates(name: &str) -> Vec<CString> {
+    if name.contains('/') {
+        return CString::new(name).into_iter().collect();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .filter_map(|dir| {
+            // An empty entry is the current directory.
+            let dir = if dir.as_os_str().is_empty() {
+                std::path::PathBuf::from(".")
+            } else {
+                dir
+            };
+            CString::new(dir.join(name).into_os_string().into_vec()).ok()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::{SudoError, sudo_ids};
@@ -365,25 +386,4 @@ mod tests {
         let e = sudo_ids(Some(OsStr::from_bytes(b"10\xff")), Some(OsStr::new("1"))).unwrap_err();
         assert!(matches!(e, SudoError::NotAnId { .. }));
     }
-}
-
-/// The paths exec tries for `name`, in order, as execvp would: `name`
-/// itself when it holds a `/`, else each `$PATH` directory (the default
-/// search path when `PATH` is unset) joined with it.
-fn exec_candidates(name: &str) -> Vec<CString> {
-    if name.contains('/') {
-        return CString::new(name).into_iter().collect();
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&path)
-        .filter_map(|dir| {
-            // An empty entry is the current directory.
-            let dir = if dir.as_os_str().is_empty() {
-                std::path::PathBuf::from(".")
-            } else {
-                dir
-            };
-            CString::new(dir.join(name).into_os_string().into_vec()).ok()
-        })
-        .collect()
 }

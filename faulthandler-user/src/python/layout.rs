@@ -1,7 +1,8 @@
 //! Where each field the walk reads lives, per CPython version (x86_64).
 //!
-//! `PyLayout` is flat and `#[repr(C)]`: the kernel side will get the same
-//! struct in a BPF map and mirror the walk in `walk.rs` with it.
+//! `PyLayout` is flat; the kernel side gets the offsets it needs from it
+//! as a `PyProc` (faulthandler-common) in a BPF map, and mirrors the walk
+//! in `walk.rs` with them.
 //!
 //! Sources:
 //! - 3.8–3.12: CPython's headers of each version (Include/cpython/pystate.h

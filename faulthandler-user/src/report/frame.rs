@@ -8,8 +8,6 @@ use serde::{Serialize, Serializer, ser::SerializeMap};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
     Native(NativeFrame),
-    // Constructed once Python frames are merged in (issue 8).
-    #[allow(dead_code)]
     Python(PythonFrame),
 }
 

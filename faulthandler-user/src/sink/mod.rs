@@ -35,22 +35,13 @@ impl Out {
     /// of several rfh-trace instances sharing a file do not interleave,
     /// and locking stderr keeps log lines from cutting in.
     pub fn write_record(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match self {
-            Out::Stderr => {
-                let mut w = io::stderr().lock();
-                w.write_all(bytes)?;
-                w.flush()
-            }
-            Out::Stdout => {
-                let mut w = io::stdout().lock();
-                w.write_all(bytes)?;
-                w.flush()
-            }
-            Out::File(f) => {
-                f.write_all(bytes)?;
-                f.flush()
-            }
-        }
+        let mut w: Box<dyn Write + '_> = match self {
+            Out::Stderr => Box::new(io::stderr().lock()),
+            Out::Stdout => Box::new(io::stdout().lock()),
+            Out::File(f) => Box::new(f),
+        };
+        w.write_all(bytes)?;
+        w.flush()
     }
 }
 

@@ -30,8 +30,8 @@ const SC_CR2: u64 = 176;
 /// Offsets in `siginfo_t`: si_signo, si_errno, si_code, then the union
 /// whose first member for faults is si_addr.
 const SI_SIGNO: u64 = 0;
-const SI_CODE: u64 = 8;
-const SI_ADDR: u64 = 16;
+const SI_CODE: u64 = faulthandler_common::SI_CODE_OFF as u64;
+const SI_ADDR: u64 = faulthandler_common::SI_ADDR_OFF as u64;
 /// `ss_flags` value of an altstack that is not set up.
 const SS_DISABLE: u32 = 2;
 /// x86 exception vectors (`trapno`).
@@ -47,12 +47,7 @@ const SEGV_ACCERR: i32 = 2;
 const SEGV_PKUERR: i32 = 4;
 const BUS_ADRERR: i32 = 2;
 const ILL_ILLOPN: i32 = 2;
-const SIGILL: i32 = 4;
-const SIGBUS: i32 = 7;
-const SIGFPE: i32 = 8;
-const SIGSEGV: i32 = 11;
-/// si_code of a signal the kernel raised without a fault address (#GP).
-use faulthandler_common::SI_KERNEL;
+use crate::signals::{SI_KERNEL, SIGBUS, SIGFPE, SIGILL, SIGSEGV};
 
 /// What the kernel saved when it delivered a signal to a handler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
