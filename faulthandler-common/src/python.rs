@@ -1,7 +1,20 @@
 //! CPython frames at signal time: the per-process table userspace hands
 //! the kernel and the record the kernel writes (see the comment below).
 
-use crate::EventHeader;
+use crate::{EventHeader, USER_ADDR_MAX, USER_ADDR_MIN};
+
+/// Whether `addr` may point at a Python object: in user space, 8-aligned.
+/// The kernel side and userspace's walker must agree on what they follow.
+#[inline(always)]
+pub const fn py_plausible(addr: u64) -> bool {
+    addr >= USER_ADDR_MIN && addr < USER_ADDR_MAX && addr & 7 == 0
+}
+
+/// The PyUnicode `state` bitfield of GIL builds (all versions here):
+/// interned:2, kind:3, compact:1, ascii:1.
+pub const UNICODE_KIND_SHIFT: u32 = 2;
+pub const UNICODE_COMPACT_BIT: u32 = 1 << 5;
+pub const UNICODE_ASCII_BIT: u32 = 1 << 6;
 
 // CPython frames at signal time. Userspace finds the interpreter of each
 // watched process (discovery reads its ELF files) and hands the kernel a

@@ -78,8 +78,6 @@ const MASK: u64 = (PY_RECORD_MAX - 1) as u64;
 const CHUNK_MASK: u64 = (PY_CHUNK - 1) as u64;
 const REGION_HEADER: u64 = size_of::<PyRegion>() as u64;
 const ABSENT: u32 = PY_ABSENT;
-/// The lowest address an object can have (page zero is never mapped).
-const MIN_ADDR: u64 = 0x1000;
 
 #[inline(always)]
 fn scratch() -> Option<*mut PyScratch> {
@@ -88,11 +86,7 @@ fn scratch() -> Option<*mut PyScratch> {
     PY_SCRATCH.get_ptr_mut(cpu)
 }
 
-/// Whether `addr` may point at an object: in user space, 8-aligned.
-#[inline(always)]
-fn plausible(addr: u64) -> bool {
-    (MIN_ADDR..USER_ADDR_MAX).contains(&addr) && addr & 7 == 0
-}
+use faulthandler_common::py_plausible as plausible;
 
 /// Remembers the first failed read.
 #[inline(always)]
@@ -244,9 +238,9 @@ unsafe fn copy_str(s: *mut PyScratch, addr: u64, cap: u32) {
         let base = (*s).region + REGION_HEADER;
         let len = buf_u64(s, base + len_at);
         let state = buf_u32(s, base + state_at);
-        let kind = ((state >> 2) & 7) as u64;
-        let ascii = state & (1 << 6) != 0;
-        let compact = state & (1 << 5) != 0;
+        let kind = ((state >> UNICODE_KIND_SHIFT) & 7) as u64;
+        let ascii = state & UNICODE_ASCII_BIT != 0;
+        let compact = state & UNICODE_COMPACT_BIT != 0;
         if compact && (kind == 1 || kind == 2 || kind == 4) && len <= (1 << 20) {
             let data = if ascii { head } else { compact_data };
             let mut bytes = len * kind;

@@ -14,7 +14,7 @@ use crate::{
     assemble::{Assembler, Cause, Crash, Input, Killed, Output, STALL},
     capture::{Capture, CaptureError},
     cli::StackMode,
-    decode::{Event, PyStackCapture, SignalCapture, c_str, decode},
+    decode::{DecodeError, Event, PyStackCapture, SignalCapture, c_str, decode},
     dumps::{Collector, Snapshot},
     losses::{Losses, UserDrops},
     procs::{Tracker, container_id},
@@ -162,10 +162,11 @@ impl Watcher {
             .tracker
             .next_refresh_in()
             .map_or(timeout, |d| d.max(Duration::from_millis(1)).min(timeout));
-        let mut records = Vec::new();
-        self.capture.poll(timeout, |r| records.push(r.to_vec()))?;
-        for r in records {
-            self.handle(&r);
+        // Decoded as they are drained: one copy of each record.
+        let mut events = Vec::new();
+        self.capture.poll(timeout, |r| events.push(decode(r)))?;
+        for e in events {
+            self.handle(e);
         }
         self.after_batch(false);
         if self.collector.is_none() {
@@ -240,8 +241,8 @@ impl Watcher {
         self.losses.summary()
     }
 
-    pub(crate) fn handle(&mut self, record: &[u8]) {
-        let event = match decode(record) {
+    pub(crate) fn handle(&mut self, event: Result<Event, DecodeError>) {
+        let event = match event {
             Ok(e) => e,
             Err(e) => {
                 crate::diag!("dropping a malformed event: {e}");

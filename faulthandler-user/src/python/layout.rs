@@ -67,11 +67,7 @@ pub(crate) mod flags {
 /// least 8-byte aligned).
 pub(crate) const CODE_TAG_MASK: u64 = 7;
 
-/// The PyUnicode `state` bitfield of GIL builds (all versions here):
-/// interned:2, kind:3, compact:1, ascii:1.
-pub(crate) const UNICODE_KIND_SHIFT: u32 = 2;
-pub(crate) const UNICODE_COMPACT_BIT: u32 = 1 << 5;
-pub(crate) const UNICODE_ASCII_BIT: u32 = 1 << 6;
+pub(crate) use faulthandler_common::{UNICODE_ASCII_BIT, UNICODE_COMPACT_BIT, UNICODE_KIND_SHIFT};
 
 /// Byte offsets (`ABSENT` when the version has no such field) and the
 /// encodings the walk needs. All reads are of fixed-size fields at these

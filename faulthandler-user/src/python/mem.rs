@@ -63,16 +63,8 @@ impl Memory for ProcMem {
     }
 }
 
-/// The lowest address a real object can have: page zero is never mapped.
-const MIN_ADDR: u64 = 0x1000;
-/// x86_64 user space ends below 2^47 (4-level paging; 5-level user space is
-/// opt-in per mapping and CPython does not ask for it).
-const MAX_ADDR: u64 = 1 << 47;
-
 /// Whether `addr` may point at a Python object: in user space, 8-aligned.
-pub(crate) fn plausible(addr: u64) -> bool {
-    (MIN_ADDR..MAX_ADDR).contains(&addr) && addr.is_multiple_of(8)
-}
+pub(crate) use faulthandler_common::py_plausible as plausible;
 
 /// Checks `addr` with `plausible`, naming it in the error.
 pub(crate) fn check_ptr(what: &'static str, addr: u64) -> Result<u64, PyError> {
