@@ -158,7 +158,7 @@ fn dumps(dir: &Path) {
         let (out, ms) =
             timed_output(Command::new(rfh_trace()).args(["dump", "--format", "json", &pid]));
         assert!(out.status.success(), "rfh-trace dump: {}", out.status);
-        let (complete, n) = rfh_complete(&out.stderr);
+        let (complete, n) = rfh_complete(&out.stdout);
         rfh.push(ms);
         rfh_min = rfh_min.min(complete);
         rfh_threads = (rfh_threads.0.min(n), rfh_threads.1.max(n));
