@@ -320,6 +320,9 @@ pub struct DumpCtl {
 /// `Config::flags` bits.
 pub const CFG_ALL: u32 = 1 << 0;
 pub const CFG_FOLLOW: u32 = 1 << 1;
+/// Watch the processes of one cgroup subtree (`Config::cgroup_id`): a
+/// task found there joins the watch set (agent `--cgroup`).
+pub const CFG_CGROUP: u32 = 1 << 2;
 
 /// Kernel struct member offsets, read by userspace from
 /// /sys/kernel/btf/vmlinux, because Rust eBPF has no CO-RE relocations.
@@ -376,6 +379,12 @@ pub struct Config {
     /// process's number in that namespace, so rfh-trace inside a
     /// container sees the pids its own /proc shows.
     pub view_ns_inum: u32,
+    /// With `CFG_CGROUP`: the id of the watched cgroup (its cgroup2 inode
+    /// number) and its depth below the root, as
+    /// `bpf_get_current_ancestor_cgroup_id` counts levels.
+    pub cgroup_id: u64,
+    pub cgroup_level: u32,
+    pub _pad: u32,
     pub offsets: KernelOffsets,
 }
 
@@ -444,7 +453,7 @@ assert_size!(ExitEvent, 32 + 48);
 assert_size!(DumpCtl, 24);
 assert_size!(VmaEvent, 24 + VMA_MAX * (40 + VMA_NAME_LEN));
 assert_size!(ExecEvent, 24 + EXEC_PATH_LEN);
-assert_size!(Config, 32 + 28 * 4);
+assert_size!(Config, 48 + 28 * 4);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -16,6 +16,7 @@ use faulthandler_common::*;
 
 use crate::{
     DYING, EVENTS, WATCHED, begin_dying, config, count, current_ids, read_at, task_ids, watched,
+    watched_current,
 };
 
 #[inline(always)]
@@ -53,8 +54,9 @@ fn try_fork(ctx: &RawTracePointContext) -> Option<()> {
         return None;
     }
     let (tgid, tid) = current_ids(cfg)?;
-    // SAFETY: presence test only.
-    unsafe { WATCHED.get(&tgid) }?;
+    if !watched_current(cfg, tgid) {
+        return None;
+    }
     let child: *const u8 = ctx.arg(1);
     // SAFETY: probe reads of the new task.
     let (child_tgid, _) = unsafe { task_ids(cfg, child) }?;
@@ -78,7 +80,7 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
 fn try_exec(ctx: &RawTracePointContext) -> Option<()> {
     let cfg = config()?;
     let (tgid, tid) = current_ids(cfg)?;
-    if !watched(cfg, tgid) {
+    if !watched_current(cfg, tgid) {
         return None;
     }
     let mut entry = crate::reserve::<ExecEvent>(CNT_EVENT_RING_FULL)?;
@@ -216,7 +218,7 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Option<()> {
     }
     let cfg = config()?;
     let (tgid, tid) = current_ids(cfg)?;
-    if !watched(cfg, tgid) {
+    if !watched_current(cfg, tgid) {
         return None;
     }
     let prot = unsafe { read_at::<u64>(regs, PT_REGS_DX) }?;

@@ -5,6 +5,7 @@
 //! → sink. `watch` is the event loop that owns the capture; `run` holds
 //! the modes on top.
 
+pub mod agent;
 pub mod assemble;
 pub mod btf;
 pub mod capture;

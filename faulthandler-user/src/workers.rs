@@ -64,6 +64,9 @@ pub enum Job {
     /// `pid` exited: its profile goes.
     Forget(u32),
     Loss(LossRecord),
+    /// A report for one requester (a dump asked of the agent over its
+    /// socket), handed back instead of written to the sinks.
+    Reply(Box<ReportJob>, std::sync::mpsc::Sender<Report>),
 }
 
 /// Counts shared with the loop, for loss records and the exit summary.
@@ -82,7 +85,7 @@ impl Job {
         const RECORD: usize = std::mem::size_of::<SignalCapture>();
         let thread = |t: &ThreadJob| RECORD + t.cap.stack.len();
         match self {
-            Job::Report(r) => r.threads.iter().map(thread).sum(),
+            Job::Report(r) | Job::Reply(r, _) => r.threads.iter().map(thread).sum(),
             Job::Sample(t) => thread(t),
             Job::Forget(_) | Job::Loss(_) => 0,
         }
@@ -224,6 +227,9 @@ impl Worker {
                     self.profiles.remove(&pid);
                 }
                 Job::Loss(l) => self.write(|s| s.loss(&l)),
+                Job::Reply(j, tx) => {
+                    let _ = tx.send(self.report(*j));
+                }
             }
         }
     }
@@ -271,6 +277,8 @@ impl Worker {
             partial: j.partial,
             profile: None,
             lost_events: j.lost_events,
+            signature: None,
+            suppressed: None,
         };
         if report.kind == Kind::Timeout {
             self.attach_profile(pid, &mut report);

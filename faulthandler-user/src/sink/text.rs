@@ -288,6 +288,8 @@ mod tests {
             partial: None,
             profile: None,
             lost_events: 0,
+            signature: None,
+            suppressed: None,
         }
     }
 
