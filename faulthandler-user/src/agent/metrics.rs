@@ -160,6 +160,9 @@ impl Metrics {
 
     /// Counts for the next loss record only (already in the metrics).
     pub fn add_pending(&self, reason: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
         if let Ok(mut p) = self.pending.lock() {
             *p.entry(reason).or_default() += n;
         }

@@ -132,7 +132,8 @@ pub fn run(args: AgentArgs) -> Result<i32, AgentError> {
 /// A cgroup v2 directory as the kernel filter needs it: (id, level), and
 /// its path as /proc/PID/cgroup writes it.
 fn resolve_cgroup(path: &Path) -> Result<(u64, u32, String), AgentError> {
-    const ROOT: &str = "/sys/fs/cgroup";
+    let root = cgroup2_root();
+    let root = root.as_path();
     let err = |why: String| AgentError::Cgroup {
         path: path.to_path_buf(),
         why,
@@ -140,20 +141,32 @@ fn resolve_cgroup(path: &Path) -> Result<(u64, u32, String), AgentError> {
     let full = if path.is_absolute() {
         path.to_path_buf()
     } else {
-        Path::new(ROOT).join(path)
+        root.join(path)
     };
     let full = full
         .canonicalize()
         .map_err(|e| err(format!("cannot resolve it: {e}")))?;
     let rel = full
-        .strip_prefix(ROOT)
-        .map_err(|_| err(format!("not under {ROOT}, the cgroup v2 mount")))?;
+        .strip_prefix(root)
+        .map_err(|_| err(format!("not under {}, the cgroup v2 mount", root.display())))?;
     let meta = std::fs::metadata(&full).map_err(|e| err(e.to_string()))?;
     if !meta.is_dir() || !full.join("cgroup.procs").exists() {
         return Err(err("not a cgroup directory".into()));
     }
     let level = rel.components().count() as u32;
     Ok((meta.ino(), level, format!("/{}", rel.display())))
+}
+
+/// Where cgroup v2 is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified
+/// on a hybrid (v1 + v2) host.
+fn cgroup2_root() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2").then(|| pre.split_whitespace().nth(4))?
+        })
+        .map_or_else(|| PathBuf::from("/sys/fs/cgroup"), PathBuf::from)
 }
 
 /// Whether a /proc/PID/cgroup path is `subtree` or below it.
@@ -413,7 +426,7 @@ mod tests {
 
     #[test]
     fn cgroup_paths_resolve_to_id_and_level() {
-        let (id, level, rel) = resolve_cgroup(Path::new("/sys/fs/cgroup")).unwrap();
+        let (id, level, rel) = resolve_cgroup(&cgroup2_root()).unwrap();
         assert_eq!((level, rel.as_str()), (0, "/"));
         assert!(id > 0);
         assert!(resolve_cgroup(Path::new("/tmp")).is_err());

@@ -256,7 +256,8 @@ mod tests {
         }
         assert!(t.elapsed() < Duration::from_secs(1), "send blocked");
         let dropped = metrics.take_pending().get("test_queue_full").copied().unwrap_or(0);
-        assert!(dropped >= 99, "{dropped}");
+        // The thread may have taken one batch off the queue meanwhile.
+        assert!(dropped >= (100 - BATCH - 1) as u64, "{dropped}");
         // Closing lets the thread finish the queue; a short deadline leaves it.
         assert!(!out.join(Instant::now() + Duration::from_millis(10)));
         let total = written.load(Ordering::Relaxed) as u64 + dropped;
