@@ -167,6 +167,10 @@ pub struct SignalEvent {
     pub handler: u64,
     /// Dump records: `DumpCtl::seq` of the iteration that wrote them.
     pub seq: u64,
+    /// Signal records: the cgroup v2 id of the receiving thread
+    /// (`bpf_get_current_cgroup_id`), 0 when unknown. A process that dies
+    /// before /proc is read still has its container known by it.
+    pub cgroup_id: u64,
     /// With `SIG_F_PRIOR`: the last signal of the same number this thread
     /// took while it had a handler installed (a handler that re-raises
     /// after returning dies of a signal whose own siginfo says only
@@ -429,6 +433,7 @@ assert_size!(Handled, 24);
 assert_size!(
     SignalEvent,
     8 + 8
+        + 8
         + 24
         + 16
         + 16

@@ -19,7 +19,7 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_stack, bpf_probe_read_kernel as raw_read_kernel, bpf_probe_read_user,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_stack, bpf_probe_read_kernel as raw_read_kernel, bpf_probe_read_user,
             bpf_task_pt_regs,
         },
     },
@@ -322,6 +322,7 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     unsafe {
         let ev = addr_of_mut!((*rec).event);
         init_record(ev, tgid, tid, if group_exit { SIG_F_GROUP_EXIT } else { 0 });
+        (*ev).cgroup_id = bpf_get_current_cgroup_id();
         (*ev).sig = sig as i32;
         (*ev).handler = handler;
         if !info.is_null() {
@@ -389,6 +390,7 @@ unsafe fn init_record(ev: *mut SignalEvent, tgid: u32, tid: u32, flags: u32) {
         (*ev).handler = 0;
         (*ev).flags = flags;
         (*ev).seq = 0;
+        (*ev).cgroup_id = 0;
         (*ev).prior = Handled::default();
         (*ev).fp_len = 0;
         (*ev).stack_len = 0;

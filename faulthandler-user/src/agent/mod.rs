@@ -157,16 +157,8 @@ fn resolve_cgroup(path: &Path) -> Result<(u64, u32, String), AgentError> {
     Ok((meta.ino(), level, format!("/{}", rel.display())))
 }
 
-/// Where cgroup v2 is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified
-/// on a hybrid (v1 + v2) host.
 fn cgroup2_root() -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            (post.split_whitespace().next()? == "cgroup2").then(|| pre.split_whitespace().nth(4))?
-        })
-        .map_or_else(|| PathBuf::from("/sys/fs/cgroup"), PathBuf::from)
+    crate::procs::cgroup2_root().unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
 /// Whether a /proc/PID/cgroup path is `subtree` or below it.

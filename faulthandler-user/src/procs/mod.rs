@@ -20,7 +20,7 @@ use std::{
 
 use faulthandler_common::Vma;
 
-pub use self::container::container_id;
+pub use self::container::{cgroup_path_by_id, cgroup2_root, container_id};
 pub use self::files::build_id;
 pub(crate) use self::files::{FileStamp, file_stamp, parse_maps_line};
 use self::files::{MAX_OPEN_FILES, OpenFile, find_by_identity, strip_deleted};
