@@ -1,5 +1,6 @@
 //! Developer tasks for rfh-trace: `cargo xtask <setup|build|run|test|bench>`.
 
+mod dist;
 mod setup;
 mod util;
 
@@ -52,6 +53,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build release and package the agent as a .deb (binary, hardened
+    /// systemd unit, default config) in target/dist/.
+    Dist,
 }
 
 #[derive(Args)]
@@ -91,6 +95,11 @@ fn dispatch(task: Task) -> Result<i32> {
         Task::Run(args) => return run_trace(args),
         Task::Test { args } => test(args)?,
         Task::Bench { args } => bench(args)?,
+        Task::Dist => {
+            setup::setup(false)?;
+            let deb = dist::deb(&build(true)?)?;
+            println!("{}", deb.display());
+        }
     }
     Ok(0)
 }
