@@ -146,6 +146,12 @@ fn reports_carry_node_and_pod_identity_in_every_sink() {
     assert_eq!(last["kind"], "loss", "the last record is the final loss record");
     assert_eq!(last["node"], "node-test-1");
     common::validate(last);
+    // The kernel frees a program once its last descriptor is closed and
+    // an RCU grace period has passed.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while progs.iter().any(|&id| prog_exists(id)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for id in progs {
         assert!(!prog_exists(id), "program {id} still loaded after exit");
     }

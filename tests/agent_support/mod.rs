@@ -269,23 +269,32 @@ impl Drop for Cgroup {
     }
 }
 
-/// Ids of the BPF programs a process holds, from bpftool.
+/// Ids of the BPF programs a process holds, from its descriptors'
+/// fdinfo (`prog_id:` of each `anon_inode:bpf-prog`).
 pub fn prog_ids_of(pid: u32) -> Vec<u64> {
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
-        .expect("bpftool (cargo xtask setup --with-test-tools)");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| {
-            p["pids"]
-                .as_array()
-                .is_some_and(|ps| ps.iter().any(|x| x["pid"] == pid))
-        })
-        .filter_map(|p| p["id"].as_u64())
-        .collect()
+    let mut ids = Vec::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return ids;
+    };
+    for fd in fds.flatten() {
+        let is_prog = std::fs::read_link(fd.path())
+            .is_ok_and(|t| t.to_string_lossy().contains("bpf-prog"));
+        if !is_prog {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        if let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids
 }
 
 pub fn prog_exists(id: u64) -> bool {

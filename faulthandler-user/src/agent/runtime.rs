@@ -136,7 +136,10 @@ impl CaptureTask {
         let w = &mut self.watcher;
         let ring = w.capture.ring_fd();
         let wake = self.ctl.wake.as_raw_fd();
-        let mut last_gauges = Instant::now();
+        // The gauges are set on the first turn, then once a second.
+        let mut last_gauges = Instant::now()
+            .checked_sub(Duration::from_secs(2))
+            .unwrap_or_else(Instant::now);
         loop {
             wait(ring, wake, TURN);
             self.ctl.drain_wake();
