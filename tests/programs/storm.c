@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 __attribute__((noinline)) void crash_here(volatile int *p) {
@@ -14,7 +15,9 @@ __attribute__((noinline)) void crash_here(volatile int *p) {
 int main(int argc, char **argv) {
     int n = argc > 1 ? atoi(argv[1]) : 1000;
     double secs = argc > 2 ? atof(argv[2]) : 10.0;
-    useconds_t gap = (useconds_t)(secs * 1e6 / (n > 0 ? n : 1));
+    double gap = secs / (n > 0 ? n : 1);
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
     int segv = 0;
     for (int i = 0; i < n; i++) {
         pid_t p = fork();
@@ -25,7 +28,13 @@ int main(int argc, char **argv) {
         int st = 0;
         if (p > 0 && waitpid(p, &st, 0) == p && WIFSIGNALED(st) && WTERMSIG(st) == SIGSEGV)
             segv++;
-        usleep(gap);
+        /* Paced against the start, not the last crash: N in S seconds. */
+        double due = (i + 1) * gap;
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        double spent = (now.tv_sec - start.tv_sec) + (now.tv_nsec - start.tv_nsec) / 1e9;
+        if (due > spent)
+            usleep((useconds_t)((due - spent) * 1e6));
     }
     printf("%d\n", segv);
     return 0;
