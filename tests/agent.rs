@@ -357,6 +357,12 @@ fn reports_reach_an_otlp_collector_with_semantic_convention_resources() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let (status, ..) = agent.stop();
+    // The final loss record goes out at exit.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !seen.contains("EventName: rfh-trace.loss") {
+        std::thread::sleep(Duration::from_millis(100));
+        seen = std::fs::read_to_string(work.path().join("rotel.out")).unwrap_or_default();
+    }
     let _ = collector.kill();
     let _ = collector.wait();
     for w in &want {

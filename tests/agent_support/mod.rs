@@ -52,9 +52,16 @@ impl Agent {
         let port = free_port();
         let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let socket = dir.path().join("run/agent.sock");
+        // The agent's own directory for its socket; a capability-only
+        // agent runs as nobody (65534) and must own it.
+        std::fs::create_dir(dir.path().join("run")).unwrap();
+        std::fs::set_permissions(dir.path().join("run"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        if !wrap.is_empty() {
+            std::os::unix::fs::chown(dir.path().join("run"), Some(65534), Some(65534)).unwrap();
+        }
         let notify = dir.path().join("notify");
         let listener = UnixDatagram::bind(&notify).unwrap();
-        listener.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        listener.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         // A capability-only agent runs as another user: it must reach the
         // notify socket and create its own socket directory.
         std::fs::set_permissions(&notify, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
@@ -86,7 +93,16 @@ impl Agent {
             pump(child.stderr.take().unwrap(), Arc::clone(&err_lines)),
         ];
         let mut buf = [0u8; 64];
-        let ready = listener.recv(&mut buf);
+        // READY=1, or the agent's early death, within a minute.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ready = loop {
+            match listener.recv(&mut buf) {
+                Ok(n) => break Ok(n),
+                Err(e) if Instant::now() > deadline => break Err(e),
+                Err(e) if matches!(child.try_wait(), Ok(Some(_))) => break Err(e),
+                Err(_) => {}
+            }
+        };
         let agent = Agent {
             child,
             dir,

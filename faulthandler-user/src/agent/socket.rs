@@ -124,6 +124,13 @@ async fn handle(stream: tokio::net::UnixStream, ctl: Arc<Control>) -> io::Result
         s.push(b'\n');
         s
     };
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(read.take(4096));
+    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    // Refused after the request is read, so the peer reads the refusal
+    // rather than a broken pipe.
     if !allowed(cred.uid()) {
         let msg = format!(
             "refused: uid {} may not ask this agent for dumps (root only)",
@@ -133,11 +140,6 @@ async fn handle(stream: tokio::net::UnixStream, ctl: Arc<Control>) -> io::Result
         write.write_all(&status(false, Some(msg))).await?;
         return Ok(());
     }
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(read.take(4096));
-    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
-        .await
-        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
     let req = match serde_json::from_str::<DumpRequest>(&line) {
         Ok(r) if r.op == "dump" => r,
         _ => {
@@ -208,7 +210,9 @@ pub fn ask_dump(path: &Path, pid: u32, json: bool) -> Result<Option<Vec<u8>>, Ag
     };
     let mut line = serde_json::to_vec(&req).map_err(|e| err(io::Error::other(e)))?;
     line.push(b'\n');
-    stream.write_all(&line).map_err(err)?;
+    // A refusal may come before the request is taken: read the answer
+    // whatever became of the write.
+    let _ = stream.write_all(&line);
     let mut reader = io::BufReader::new(stream);
     let mut head = String::new();
     reader.read_line(&mut head).map_err(err)?;
