@@ -47,7 +47,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run setup (with test tools), build release and run the `crash` and `dump` benchmarks.
+    /// Run setup (with test tools), build release and run the `crash`, `dump` and `agent` benchmarks.
     Bench {
         /// Extra arguments passed to each benchmark (after `cargo bench ... --`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -184,7 +184,7 @@ fn test(extra: Vec<String>) -> Result<()> {
 }
 
 /// The benchmarks `bench` runs, in this order, one `cargo bench` each.
-const BENCHES: [&str; 2] = ["crash", "dump"];
+const BENCHES: [&str; 3] = ["crash", "dump", "agent"];
 
 fn bench(extra: Vec<String>) -> Result<()> {
     setup::setup(true)?;
