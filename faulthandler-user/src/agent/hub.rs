@@ -215,3 +215,89 @@ impl Sink for HubSink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use super::*;
+    use crate::agent::{
+        outputs::{Reasons, Writer},
+        signature::tests::crash,
+    };
+
+    struct Keep(Arc<StdMutex<Vec<serde_json::Value>>>);
+    impl Writer for Keep {
+        fn write(&mut self, rec: &Record) -> io::Result<()> {
+            let v = match rec {
+                Record::Report(r) => serde_json::to_value(&**r),
+                Record::Loss(l) => serde_json::to_value(&**l),
+            };
+            self.0.lock().unwrap().push(v.map_err(io::Error::other)?);
+            Ok(())
+        }
+    }
+
+    fn hub(per_signature: u32) -> (Hub, Arc<StdMutex<Vec<serde_json::Value>>>, Arc<Metrics>) {
+        let kept = Arc::new(StdMutex::new(Vec::new()));
+        let metrics = Arc::new(Metrics::new());
+        let k = Arc::clone(&kept);
+        let reasons = Reasons {
+            queue_full: "test_queue_full",
+            write_failed: "test_write_failed",
+        };
+        let out = Output::start("test", reasons, Arc::clone(&metrics), move || Ok(Keep(k))).unwrap();
+        let storm = Storm::new(per_signature, Duration::from_secs(3600), 1000.0, 1000);
+        let dir = std::env::temp_dir().join("rfh-no-such-pods-dir");
+        let h = Hub::new("node-x".into(), Pods::new(&dir), storm, vec![out], Arc::clone(&metrics));
+        (h, kept, metrics)
+    }
+
+    #[test]
+    fn stamps_identity_and_counts_every_storm_crash() {
+        let (mut h, kept, metrics) = hub(2);
+        let mut r = crash(0x5555_0000_0000, &[Some("crash_here"), Some("main")]);
+        let id = "3f4c0b8e9a1d2c3b4a5f6e7d8c9b0a1f2e3d4c5b6a7f8e9d0c1b2a3f4e5d6c7b";
+        r.process.cgroup = Some(format!(
+            "/kubepods/burstable/pod0d7a9e3c-51b2-4c8e-9f6a-2b1d3e4f5a6b/{id}"
+        ));
+        for _ in 0..5 {
+            h.report(&r);
+        }
+        // The watcher's own loss record gets the agent's counts merged.
+        let mut lost = BTreeMap::new();
+        lost.insert("ring_full", 2u64);
+        h.loss(&LossRecord::new("t".into(), "h".into(), lost));
+        let late = h.finish(Instant::now() + Duration::from_secs(5));
+        assert!(late.is_empty());
+        let kept = kept.lock().unwrap();
+        let reports: Vec<_> = kept.iter().filter(|v| v["kind"] == "crash").collect();
+        assert_eq!(reports.len(), 2);
+        for r in &reports {
+            assert_eq!(r["node"], "node-x");
+            assert_eq!(r["process"]["container_id"], id);
+            assert_eq!(r["process"]["k8s"]["pod_uid"], "0d7a9e3c-51b2-4c8e-9f6a-2b1d3e4f5a6b");
+            assert!(r["signature"].as_str().unwrap().starts_with("v1-"));
+        }
+        let losses: Vec<_> = kept.iter().filter(|v| v["kind"] == "loss").collect();
+        assert_eq!(losses.len(), 2, "the watcher's, then the final one");
+        assert_eq!(losses[0]["lost"]["ring_full"], 2);
+        assert_eq!(losses[0]["node"], "node-x");
+        // 3 suppressed crashes, never carried by a report: the final record.
+        assert_eq!(losses[1]["lost"]["suppressed"], 3);
+        assert_eq!(losses[1]["lost_events"], 3);
+        let text = metrics.encode();
+        assert!(text.contains("rfh_trace_crashes_suppressed_total 3"), "{text}");
+        assert!(text.contains("rfh_trace_dropped_total{reason=\"ring_full\"} 2"), "{text}");
+    }
+
+    #[test]
+    fn the_final_loss_record_is_written_when_nothing_was_lost() {
+        let (h, kept, _) = hub(5);
+        assert!(h.finish(Instant::now() + Duration::from_secs(5)).is_empty());
+        let kept = kept.lock().unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0]["kind"], "loss");
+        assert_eq!(kept[0]["lost_events"], 0);
+    }
+}
