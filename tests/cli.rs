@@ -146,6 +146,7 @@ fn detaches_on(sig: i32) {
     );
     let ids = prog_ids_of(tracer.id());
     assert!(ids.len() >= 6, "{ids:?}");
+    // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(tracer.id() as i32, sig) };
     let status = tracer.wait().unwrap();
     if sig == libc::SIGINT {

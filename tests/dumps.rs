@@ -198,6 +198,7 @@ fn on_signal_reports_and_the_process_lives_on() {
             .arg(&out)
             .args(["--pid", &child.id().to_string()]),
     );
+    // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap())
@@ -206,6 +207,7 @@ fn on_signal_reports_and_the_process_lives_on() {
     assert_eq!(line.trim(), "reloaded 1");
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(still_running(&mut child));
+    // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
     assert_eq!(tracer.wait().unwrap().code(), Some(0));
     let reports = read_reports(&out);

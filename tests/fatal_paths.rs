@@ -108,7 +108,19 @@ fn stack_overflow() {
         .arg(&b.exe)
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&text.stderr).contains("Stack overflow likely"));
+    let stderr = String::from_utf8_lossy(&text.stderr);
+    assert!(stderr.contains("Stack overflow likely"));
+    // The kernel side's own account of the unreadable guard page is
+    // there with RUST_LOG=debug, and only then.
+    assert!(!stderr.contains("reading the user stack at"), "{stderr}");
+    let debug = Command::new(rfh_trace())
+        .env("RUST_LOG", "debug")
+        .arg("--")
+        .arg(&b.exe)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&debug.stderr);
+    assert!(stderr.contains("reading the user stack at"), "{stderr}");
 }
 
 /// A memory cgroup with a small limit, and a process allocating in a
@@ -168,6 +180,7 @@ fn watch_and_signal(target: &mut std::process::Child, extra: &[&str], sig: i32) 
             .args(["--pid", &target.id().to_string()])
             .stderr(Stdio::inherit()),
     );
+    // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(target.id() as i32, sig) };
     let _ = target.wait();
     let status = tracer.wait().unwrap();
@@ -176,8 +189,8 @@ fn watch_and_signal(target: &mut std::process::Child, extra: &[&str], sig: i32) 
         Some(0),
         "rfh-trace ends when its only process has gone"
     );
-    let reports = read_reports(&out);
-    reports
+
+    read_reports(&out)
 }
 
 #[test]

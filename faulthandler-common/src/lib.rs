@@ -447,10 +447,7 @@ assert_size!(
         + FP_MAX * 8
         + VMA_MAX * (40 + VMA_NAME_LEN)
 );
-assert_size!(
-    SignalRecord,
-    core::mem::size_of::<SignalEvent>() + STACK_BUF
-);
+assert_size!(SignalRecord, size_of::<SignalEvent>() + STACK_BUF);
 assert_size!(ProcEvent, 40);
 assert_size!(KernelOffsets, 28 * 4);
 assert_size!(Dying, 48);
@@ -462,11 +459,17 @@ assert_size!(Config, 48 + 28 * 4);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are repr(C), contain only integers and arrays of
-    // integers, and have no implicit padding (checked by the size asserts).
+    // SAFETY (for each impl below): the type is repr(C), holds only
+    // integers and arrays of integers, and has no implicit padding (the
+    // size asserts above check it), so every bit pattern is a valid value.
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Dying {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::DumpCtl {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Handled {}
 }

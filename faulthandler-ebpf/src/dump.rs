@@ -78,6 +78,7 @@ unsafe fn dump_one(task: *mut task_struct) -> Option<bool> {
     // SAFETY: a probe read.
     let state = unsafe { read_at::<u32>(t, o.task_state) }.unwrap_or(0);
     let Some(mut entry) = EVENTS.reserve::<SignalRecord>(0) else {
+        aya_log_ebpf::debug!(&crate::NO_CTX, "ring full during a dump: retrying {}", tid);
         // SAFETY: as above.
         unsafe { (*ctl).retries += 1 };
         return Some(false);

@@ -27,7 +27,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::RawTracePointContext,
 };
+use aya_log_ebpf::{debug, warn};
 use faulthandler_common::*;
+
+/// aya-log wants a context argument it does not use; the log sites below
+/// are in helpers that have none.
+const NO_CTX: () = ();
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -222,6 +227,10 @@ fn begin_dying(
     };
     if DYING.insert(&tgid, &d, BPF_NOEXIST as u64).is_err() && DYING.get_ptr_mut(&tgid).is_none() {
         count(CNT_DYING_FULL);
+        warn!(
+            &NO_CTX,
+            "dying map full: the other threads of {} are not captured", tgid
+        );
     }
     DYING.get_ptr_mut(&tgid)
 }
@@ -302,6 +311,10 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     };
 
     let Some(mut entry) = EVENTS.reserve::<SignalRecord>(0) else {
+        warn!(
+            ctx,
+            "ring full: the record of signal {} to {}/{} is lost", sig, tgid, tid
+        );
         match dying {
             Some(d) => {
                 // SAFETY: `d` points into a live map value.
@@ -487,7 +500,13 @@ unsafe fn copy_stack(
             addr as *const c_void,
         );
         if r != 0 {
+            // SAFETY: `ev` is the caller's reservation.
             if unsafe { (*ev).stack_err } == 0 {
+                debug!(
+                    &NO_CTX,
+                    "reading the user stack at {:x} failed: {}", addr, r
+                );
+                // SAFETY: as above.
                 unsafe { (*ev).stack_err = r as i32 };
             }
             if copied {

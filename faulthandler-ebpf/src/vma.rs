@@ -37,7 +37,8 @@ pub struct ScanState {
     vmas: [Vma; VMA_MAX],
 }
 
-const VM_EXEC: u64 = 4;
+/// bpf_find_vma's answer for an address with no mapping: not a failure.
+const ENOENT: i32 = 2;
 /// Words this far above SP point into the thread's own stack: no code
 /// there, and not worth a lookup.
 const STACK_SPAN: u64 = 8 << 20;
@@ -45,9 +46,6 @@ const STACK_SPAN: u64 = 8 << 20;
 /// Scratch space: the scan state is far too large for the 512-byte stack.
 #[map]
 static SCAN: PerCpuArray<ScanState> = PerCpuArray::with_max_entries(1, 0);
-
-const USER_MIN: u64 = 0x1000;
-const USER_MAX: u64 = 0x0000_8000_0000_0000;
 
 /// Records the mapping of `ip` and of every code-looking word among the
 /// `words` stack words above `sp` into `out`; returns how many.
@@ -90,7 +88,7 @@ pub unsafe fn capture(
 /// Looks `addr` up unless an already-recorded mapping covers it.
 #[inline(always)]
 unsafe fn lookup(task: *mut aya_ebpf::bindings::task_struct, addr: u64) -> i64 {
-    if !(USER_MIN..USER_MAX).contains(&addr) {
+    if !(USER_ADDR_MIN..USER_ADDR_MAX).contains(&addr) {
         return 0;
     }
     let Some(st) = SCAN.get_ptr_mut(0) else {
@@ -113,7 +111,9 @@ unsafe fn lookup(task: *mut aya_ebpf::bindings::task_struct, addr: u64) -> i64 {
     if n >= VMA_MAX as u64 {
         return 1;
     }
-    unsafe {
+    // SAFETY: `task` is the current task; the callback only writes the
+    // per-CPU scan state.
+    let r = unsafe {
         bpf_find_vma(
             task,
             addr,
@@ -122,6 +122,9 @@ unsafe fn lookup(task: *mut aya_ebpf::bindings::task_struct, addr: u64) -> i64 {
             0,
         )
     };
+    if r < 0 && r != -(ENOENT as i64) {
+        aya_log_ebpf::debug!(&crate::NO_CTX, "mapping lookup of {:x} failed: {}", addr, r);
+    }
     0
 }
 

@@ -123,7 +123,9 @@ fn timed(cmd: &mut Command) -> (Duration, i64) {
         .spawn()
         .expect("spawn");
     let mut status = 0;
+    // SAFETY: rusage is plain integers; all-zero is valid.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointers; waits for our own child.
     unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
     let _ = std::process::ExitStatus::from_raw(status);
     (start.elapsed(), ru.ru_maxrss)

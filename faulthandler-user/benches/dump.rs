@@ -235,7 +235,9 @@ fn cpu_run(cmd: &mut Command, out_path: &Path) -> (f64, f64) {
         .spawn()
         .expect("spawn workload");
     let mut status = 0;
+    // SAFETY: rusage is plain integers; all-zero is valid.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointers; waits for our own child.
     let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
     assert_eq!(
         r,

@@ -233,11 +233,11 @@ impl Assembler {
                 None
             }
             Input::Progress(pid, counts) => {
-                if let Some(d) = self.dying.get_mut(&pid) {
-                    if d.counts != counts {
-                        d.counts = counts;
-                        d.since = now;
-                    }
+                if let Some(d) = self.dying.get_mut(&pid)
+                    && d.counts != counts
+                {
+                    d.counts = counts;
+                    d.since = now;
                 }
                 None
             }

@@ -144,11 +144,12 @@ impl Btf {
                 // really differ between compilation units; take the first.
                 let name = btf.str_at(ty.name_off)?.to_owned();
                 btf.composites.entry(name).or_insert(btf.types.len() as u32);
-            } else if ty.kind == KIND_TYPEDEF && ty.name_off != 0 {
-                if let Some(tp) = btf.str_at(ty.name_off)?.strip_prefix("btf_trace_") {
-                    let tp = tp.to_owned();
-                    btf.tracepoints.insert(tp, btf.types.len() as u32);
-                }
+            } else if ty.kind == KIND_TYPEDEF
+                && ty.name_off != 0
+                && let Some(tp) = btf.str_at(ty.name_off)?.strip_prefix("btf_trace_")
+            {
+                let tp = tp.to_owned();
+                btf.tracepoints.insert(tp, btf.types.len() as u32);
             }
             btf.types.push(ty);
         }

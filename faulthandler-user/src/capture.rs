@@ -86,6 +86,9 @@ pub struct CaptureOptions {
 
 pub struct Capture {
     ebpf: Ebpf,
+    /// Kernel-side diagnostics (aya-log), only with RUST_LOG at debug or
+    /// trace: off, the programs' log sites cost a load and a compare.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     events: RingBuf<MapData>,
     /// Per-CPU profiling events, kept for as long as profiling runs.
     profiling: Vec<PerfEventLinkId>,
@@ -110,6 +113,7 @@ impl Capture {
             rlim_cur: libc::RLIM_INFINITY,
             rlim_max: libc::RLIM_INFINITY,
         };
+        // SAFETY: a valid rlimit; failure is harmless (see above).
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 
         // Kernel BTF is only for the task iterator's attach target (the
@@ -117,13 +121,18 @@ impl Capture {
         let kernel_btf = opts
             .dumps
             .then(|| std::thread::spawn(aya::Btf::from_sys_fs));
-        let mut ebpf = EbpfLoader::new().btf(None).load(OBJECT).map_err(|e| {
-            if is_permission_error(&e) {
-                CaptureError::NotPermitted(e)
-            } else {
-                CaptureError::Load(e)
-            }
-        })?;
+        let level = kernel_log_level();
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .override_global(aya_log::LEVEL, &level, false)
+            .load(OBJECT)
+            .map_err(|e| {
+                if is_permission_error(&e) {
+                    CaptureError::NotPermitted(e)
+                } else {
+                    CaptureError::Load(e)
+                }
+            })?;
         for name in TRACEPOINTS.iter().copied().filter(|_| opts.watch) {
             let prog: &mut RawTracePoint = program(&mut ebpf, name)?;
             prog.load().map_err(program_error(name))?;
@@ -162,8 +171,14 @@ impl Capture {
         let mut cfg: Array<_, Config> =
             Array::try_from(map(&mut ebpf, "CONFIG")?).map_err(map_error("CONFIG"))?;
         cfg.set(0, config, 0).map_err(map_error("CONFIG"))?;
+        let logger = if level > 0 {
+            aya_log::EbpfLogger::init_with_logger(&mut ebpf, log::logger()).ok()
+        } else {
+            None
+        };
         Ok(Self {
             ebpf,
+            logger,
             events,
             profiling: Vec::new(),
         })
@@ -256,6 +271,13 @@ impl Capture {
         Ok(())
     }
 
+    /// Hands the kernel side's log lines, if any, to the logger.
+    pub fn flush_log(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
     /// The drop counters by cause (`CNT_*`), summed over CPUs, as running
     /// totals since the programs were loaded.
     pub fn drops(&mut self) -> Result<[u64; COUNTERS as usize], CaptureError> {
@@ -299,6 +321,7 @@ impl Capture {
             events: libc::POLLIN,
             revents: 0,
         };
+        // SAFETY: one valid pollfd on our ring buffer's descriptor.
         let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
@@ -325,7 +348,7 @@ fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> 
         let text = e.to_string();
         let mut lines = text.lines().filter(|l| !l.trim().is_empty());
         let first = lines.next().unwrap_or_default().to_string();
-        let summary = match lines.last() {
+        let summary = match lines.next_back() {
             Some(last) if first.len() < 200 => format!("{first} … {last}"),
             _ => first.chars().take(300).collect(),
         };
@@ -349,6 +372,17 @@ fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, CaptureError> {
     ebpf.map_mut(name).ok_or(CaptureError::MissingMap(name))
+}
+
+/// The aya-log level the programs log at: what RUST_LOG asks for, if it
+/// asks for debug or trace (the kernel side has nothing at other levels
+/// worth its ring), else 0, off.
+fn kernel_log_level() -> u8 {
+    match log::max_level() {
+        log::LevelFilter::Trace => aya_log::Level::Trace as u8,
+        log::LevelFilter::Debug => aya_log::Level::Debug as u8,
+        _ => 0,
+    }
 }
 
 /// The inode number of rfh-trace's PID namespace, or 0 for the host's

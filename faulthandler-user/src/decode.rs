@@ -121,6 +121,7 @@ mod tests {
     /// A record laid out exactly as the kernel writes it survives the trip.
     #[test]
     fn signal_round_trip() {
+        // SAFETY: SignalRecord is plain integers; all-zero is valid.
         let mut rec: Box<SignalRecord> = unsafe { Box::new(std::mem::zeroed()) };
         rec.event.header = EventHeader {
             kind: EVENT_SIGNAL,
@@ -144,6 +145,7 @@ mod tests {
     #[test]
     fn rejects_bad_lengths() {
         assert_eq!(decode(&[1, 0, 0]).err(), Some(DecodeError::Short(3)));
+        // SAFETY: as above.
         let mut rec: Box<SignalRecord> = unsafe { Box::new(std::mem::zeroed()) };
         rec.event.header = EventHeader {
             kind: EVENT_SIGNAL,

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use faulthandler_common::{SIG_F_DUMP, SIG_F_RUNNING, SIG_F_SAMPLE};
+use faulthandler_common::{SIG_F_DUMP, SIG_F_HAS_REGS, SIG_F_RUNNING, SIG_F_SAMPLE};
 
 use crate::{
     capture::{self, CaptureError},
@@ -105,10 +105,24 @@ impl Watcher {
             return Err(CaptureError::Iter("the dump collector vanished".into()));
         };
         c.threads.sort_by_key(|s| (s.event.tid != pid, s.event.tid));
-        let partial = (c.exited || c.threads.is_empty()).then(|| {
-            "the process exited during the dump: the threads shown are those read before it did"
-                .to_string()
-        });
+        let no_regs = c
+            .threads
+            .iter()
+            .all(|s| s.event.flags & SIG_F_HAS_REGS == 0);
+        let partial = if c.exited || c.threads.is_empty() {
+            Some(
+                "the process exited during the dump: the threads shown are those read before it did"
+                    .to_string(),
+            )
+        } else if no_regs {
+            Some(
+                "no thread had user registers to read: the process has exited (a zombie waiting \
+                 for its parent to reap it) or is exiting"
+                    .to_string(),
+            )
+        } else {
+            None
+        };
         Ok(Snapshot {
             threads: c.threads,
             time_ns,

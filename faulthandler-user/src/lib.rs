@@ -5,32 +5,32 @@
 //! → sink. `watch` is the event loop that owns the capture; `run` holds
 //! the modes on top.
 
-pub mod agent;
-pub mod assemble;
-pub mod btf;
-pub mod capture;
+pub(crate) mod agent;
+pub(crate) mod assemble;
+pub(crate) mod btf;
+pub(crate) mod capture;
 pub mod cli;
-pub mod decode;
-pub mod diag;
-pub mod dumps;
+pub(crate) mod decode;
+pub(crate) mod diag;
+pub(crate) mod dumps;
 pub(crate) mod escape;
-pub mod losses;
-pub mod modules;
-pub mod output;
+pub(crate) mod losses;
+pub(crate) mod modules;
+pub(crate) mod output;
 pub(crate) mod paths;
-pub mod pipeline;
-pub mod procs;
-pub mod profile;
+pub(crate) mod pipeline;
+pub(crate) mod procs;
+pub(crate) mod profile;
 // Not wired into the pipeline yet (issue 8, phase 2): only tests use it.
 #[allow(dead_code)]
 pub(crate) mod python;
-pub mod ready;
-pub mod report;
+pub(crate) mod ready;
+pub(crate) mod report;
 pub mod run;
-pub mod signals;
-pub mod sink;
-pub mod spawn;
-pub mod symbolize;
-pub mod unwind;
-pub mod watch;
-pub mod workers;
+pub(crate) mod signals;
+pub(crate) mod sink;
+pub(crate) mod spawn;
+pub(crate) mod symbolize;
+pub(crate) mod unwind;
+pub(crate) mod watch;
+pub(crate) mod workers;

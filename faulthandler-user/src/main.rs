@@ -21,6 +21,11 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // RUST_LOG=debug: rfh-trace's own diagnostics and the kernel side's
+    // (aya-log), on stderr. Unset, nothing is logged and nothing costs.
+    if std::env::var_os("RUST_LOG").is_some() {
+        env_logger::Builder::from_env(env_logger::Env::default()).init();
+    }
     match run::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

@@ -17,7 +17,7 @@
 //!   which may hold secrets).
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
@@ -268,35 +268,10 @@ fn describe(kind: libc::mode_t) -> &'static str {
     }
 }
 
-/// The destination of rendered reports.
-#[derive(Debug)]
-pub enum Sink {
-    Stderr,
-    File(File),
-}
-
-impl Sink {
-    /// Writes one report. It goes out as a single `write_all` so that with
-    /// O_APPEND, reports from several rfh-trace instances sharing a file do
-    /// not interleave, and stderr is locked so log lines cannot cut in.
-    pub fn write_report(&mut self, text: &str) -> io::Result<()> {
-        match self {
-            Sink::Stderr => {
-                let mut err = io::stderr().lock();
-                err.write_all(text.as_bytes())?;
-                err.flush()
-            }
-            Sink::File(file) => {
-                file.write_all(text.as_bytes())?;
-                file.flush()
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::os::unix::fs::{PermissionsExt, symlink};
 
     /// The opener as the user running the tests, whatever SUDO_UID says
@@ -311,8 +286,8 @@ mod tests {
     fn new_file_is_private() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("report.txt");
-        let mut sink = Sink::File(open(&path).unwrap());
-        sink.write_report("crash\n").unwrap();
+        let mut sink = open(&path).unwrap();
+        sink.write_all(b"crash\n").unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "crash\n");
@@ -324,10 +299,10 @@ mod tests {
         let path = dir.path().join("report.txt");
         std::fs::write(&path, "old\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
-        let mut sink = Sink::File(open(&path).unwrap());
-        sink.write_report("new\n").unwrap();
-        let mut again = Sink::File(open(&path).unwrap());
-        again.write_report("newer\n").unwrap();
+        let mut sink = open(&path).unwrap();
+        sink.write_all(b"new\n").unwrap();
+        let mut again = open(&path).unwrap();
+        again.write_all(b"newer\n").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "old\nnew\nnewer\n");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o640);
@@ -421,8 +396,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("real")).unwrap();
         symlink("real", dir.path().join("via")).unwrap();
-        let mut sink = Sink::File(open(&dir.path().join("via/report.txt")).unwrap());
-        sink.write_report("x\n").unwrap();
+        let mut sink = open(&dir.path().join("via/report.txt")).unwrap();
+        sink.write_all(b"x\n").unwrap();
         let text = std::fs::read_to_string(dir.path().join("real/report.txt")).unwrap();
         assert_eq!(text, "x\n");
     }

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::report::Frame;
+use crate::{escape::escape, report::Frame};
 
 /// Most distinct `file:line` variants remembered per stack; later new
 /// variants are still counted in the stack, only not as a variant.
@@ -76,14 +76,20 @@ impl ProfileSummary {
             if self.samples == 1 { "" } else { "s" }
         );
         for t in &self.top {
+            // Names come from the process: escaped, as everything it
+            // controls in a text report.
             let chain = if t.names.is_empty() {
                 "(no frames)".to_string()
             } else {
-                t.names.join(" <- ")
+                let names: Vec<_> = t.names.iter().map(|n| escape(n)).collect();
+                names.join(" <- ")
             };
             out.push_str(&format!(
                 "  {:.1}%  ({}) {}: {}\n",
-                t.percent, t.count, t.thread, chain
+                t.percent,
+                t.count,
+                escape(&t.thread),
+                chain
             ));
         }
         out
@@ -169,6 +175,7 @@ impl Profile {
         }
     }
 
+    #[cfg(test)]
     /// Samples added since creation or the last [`clear`](Self::clear).
     pub fn samples(&self) -> u64 {
         self.samples
@@ -178,6 +185,7 @@ impl Profile {
         self.samples == 0
     }
 
+    #[cfg(test)]
     pub fn clear(&mut self) {
         self.samples = 0;
         self.stacks.clear();
@@ -190,6 +198,7 @@ impl Profile {
         v
     }
 
+    #[cfg(test)]
     /// The `top` most frequent stacks, as (count, frames innermost-first
     /// names). Names are function names (inlined ones included), or
     /// `?? (module)` for frames without a symbol.
@@ -555,6 +564,7 @@ mod tests {
 
         let fifo = dir.path().join("fifo");
         let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         // No reader: fails at once instead of hanging.
         assert!(p.write_flamegraph(&fifo, "t").is_err());

@@ -66,6 +66,7 @@ pub enum RunError {
 /// CAP_BPF (39) for the probes and CAP_CHECKPOINT_RESTORE (40) for
 /// /proc/PID/map_files.
 pub(crate) fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
@@ -79,6 +80,9 @@ pub(crate) fn privileged() -> bool {
     has(21) || (has(38) && has(39) && has(40))
 }
 
+/// The process `pid` names, checked: it exists and is not a kernel
+/// thread. A thread id stands for its process (the kernel's signals and
+/// rfh-trace's reports are per process); the user is told.
 fn check_pid(pid: i64) -> Result<u32, RunError> {
     let Ok(p) = u32::try_from(pid) else {
         return Err(RunError::NoSuchPid(pid));
@@ -86,6 +90,11 @@ fn check_pid(pid: i64) -> Result<u32, RunError> {
     if p == 0 {
         return Err(RunError::NoSuchPid(pid));
     }
+    let tgid = crate::procs::tgid_of(p).ok_or(RunError::NoSuchPid(pid))?;
+    if tgid != p {
+        crate::diag!("{p} is a thread of process {tgid}: using process {tgid}");
+    }
+    let p = tgid;
     let stat =
         std::fs::read_to_string(format!("/proc/{p}/stat")).map_err(|_| RunError::NoSuchPid(pid))?;
     // Field 9 (flags) after the parenthesised comm; PF_KTHREAD = 0x00200000.
@@ -156,6 +165,8 @@ pub fn run(cli: Cli) -> Result<i32, RunError> {
         w.capture.start_profiling(PROFILE_HZ)?;
         w.keep_profiles();
     }
+    // SAFETY: the handlers only store to an atomic, which is
+    // async-signal-safe.
     unsafe {
         libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
@@ -355,6 +366,7 @@ fn watch_loop(w: &mut Watcher, mut mode: Mode, mut timer: Option<Timer>) -> Resu
                 } else {
                     libc::WNOHANG
                 };
+                // SAFETY: a valid out-pointer; waits for our own child.
                 if unsafe { libc::waitpid(*child, &mut status, flags) } == *child {
                     break Some(status);
                 }
@@ -363,6 +375,7 @@ fn watch_loop(w: &mut Watcher, mut mode: Mode, mut timer: Option<Timer>) -> Resu
                 STOP.store(false, Ordering::Relaxed);
             }
             Mode::Pids(alive) => {
+                // SAFETY: kill(2) with signal 0 only checks the pid exists.
                 alive.retain(|p| !exited.contains(p) && unsafe { libc::kill(*p as i32, 0) } == 0);
                 if alive.is_empty() || stop_requested() {
                     break None;
@@ -374,8 +387,10 @@ fn watch_loop(w: &mut Watcher, mut mode: Mode, mut timer: Option<Timer>) -> Resu
         let Some(t) = timer.as_mut().filter(|t| Instant::now() >= t.next) else {
             continue;
         };
+        // Like timeout(1), the whole tree of COMMAND: the shell a script
+        // runs in is rarely the process that hangs.
         let targets = match &mode {
-            Mode::Command(child) => vec![*child as u32],
+            Mode::Command(child) => crate::procs::tree(*child as u32),
             Mode::Pids(alive) => alive.clone(),
             Mode::All => w.tracker.pids(),
         };
@@ -386,8 +401,16 @@ fn watch_loop(w: &mut Watcher, mut mode: Mode, mut timer: Option<Timer>) -> Resu
             }
         }
         if t.exit {
-            for pid in &targets {
-                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            // The tree again: what forked while it was being dumped too.
+            let targets = match &mode {
+                Mode::Command(child) => crate::procs::tree(*child as u32),
+                _ => targets,
+            };
+            for &pid in targets.iter().filter(|&&p| p > 1) {
+                // SAFETY: kill(2) with a pid and a signal number; the
+                // checks made at start-up keep pid 1 and kernel threads
+                // out of `targets`.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
             timed_out = true;
             timer = None;

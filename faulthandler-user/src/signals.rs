@@ -23,7 +23,7 @@ pub const DEFAULT_FATAL: [i32; 7] = [SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, S
 
 /// `si_code` of a signal raised by the kernel itself rather than by a fault
 /// with an address (x86 uses it for general-protection faults and int3).
-pub const SI_KERNEL: i32 = 0x80;
+pub use faulthandler_common::SI_KERNEL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SignalError {

@@ -44,7 +44,13 @@ pub struct Watcher {
     pub(crate) dump_seq: u32,
     /// CPU samples go to the workers for timeout profiles.
     profiling: bool,
+    /// Files the tracker closed, for the workers to forget.
+    released: Vec<std::path::PathBuf>,
+    last_sweep: Instant,
 }
+
+/// How often cached files are checked for having been deleted.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
 pub(crate) fn clock_ns(clock: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec {
@@ -78,6 +84,8 @@ impl Watcher {
             collector: None,
             dump_seq: 0,
             profiling: false,
+            released: Vec::new(),
+            last_sweep: Instant::now(),
         }
     }
 
@@ -115,6 +123,18 @@ impl Watcher {
     fn after_batch(&mut self, force_loss_record: bool) {
         self.tracker.refresh_stale();
         let now = Instant::now();
+        if now.saturating_duration_since(self.last_sweep) >= SWEEP_EVERY {
+            self.last_sweep = now;
+            self.tracker.sweep_deleted();
+        }
+        self.released.extend(self.tracker.take_released());
+        if !self.released.is_empty() {
+            // Kept until the workers have room: a dropped one would leak.
+            let paths = std::mem::take(&mut self.released);
+            if !self.workers.try_submit(Job::ForgetFiles(paths.clone())) {
+                self.released = paths;
+            }
+        }
         let dying: Vec<u32> = self.assembler.dying().collect();
         for pid in dying {
             if let Some(counts) = self.capture.dying(pid) {
@@ -125,6 +145,7 @@ impl Watcher {
             self.output(out);
         }
         self.read_drops();
+        self.capture.flush_log();
         if let Some(lost) = self.losses.take_record(now, force_loss_record) {
             let time = rfc3339(clock_ns(libc::CLOCK_REALTIME).max(0) as u128);
             let record = LossRecord::new(time, self.host.clone(), lost.clone());
@@ -263,7 +284,7 @@ impl Watcher {
         job
     }
 
-    fn modules_of(&self, cap: &SignalCapture) -> Vec<crate::modules::Module> {
+    fn modules_of(&mut self, cap: &SignalCapture) -> Vec<crate::modules::Module> {
         let ev = &cap.event;
         let n = (ev.nvmas as usize).min(ev.vmas.len());
         self.tracker.modules_for(ev.pid, &ev.vmas[..n])

@@ -63,6 +63,8 @@ pub enum Job {
     Sample(Box<ThreadJob>),
     /// `pid` exited: its profile goes.
     Forget(u32),
+    /// Files the tracker closed: what is cached for them goes.
+    ForgetFiles(Vec<PathBuf>),
     Loss(LossRecord),
     /// A report for one requester (a dump asked of the agent over its
     /// socket), handed back instead of written to the sinks.
@@ -82,12 +84,12 @@ pub struct Stats {
 impl Job {
     /// What the job holds in memory, roughly: its stack copies and records.
     fn bytes(&self) -> usize {
-        const RECORD: usize = std::mem::size_of::<SignalCapture>();
+        const RECORD: usize = size_of::<SignalCapture>();
         let thread = |t: &ThreadJob| RECORD + t.cap.stack.len();
         match self {
             Job::Report(r) | Job::Reply(r, _) => r.threads.iter().map(thread).sum(),
             Job::Sample(t) => thread(t),
-            Job::Forget(_) | Job::Loss(_) => 0,
+            Job::Forget(_) | Job::ForgetFiles(_) | Job::Loss(_) => 0,
         }
     }
 }
@@ -225,6 +227,15 @@ impl Worker {
                 }
                 Job::Forget(pid) => {
                     self.profiles.remove(&pid);
+                }
+                Job::ForgetFiles(paths) => {
+                    for p in &paths {
+                        self.pipeline.forget_file(p);
+                    }
+                    // glibc keeps freed memory for reuse; a daemon that
+                    // just let go of whole files' worth should hand it back.
+                    // SAFETY: malloc_trim has no preconditions.
+                    unsafe { libc::malloc_trim(0) };
                 }
                 Job::Loss(l) => self.write(|s| s.loss(&l)),
                 Job::Reply(j, tx) => {

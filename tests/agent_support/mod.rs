@@ -168,6 +168,7 @@ impl Agent {
     /// SIGTERM; returns the status and how long the exit took.
     pub fn stop(mut self) -> (ExitStatus, Duration, Vec<Value>, String) {
         let t = Instant::now();
+        // SAFETY: a signal to our own child, which has not been reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -326,6 +327,7 @@ pub fn cpu_and_rss(pid: u32) -> (f64, u64) {
     let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, r)| r.split_whitespace().collect());
     let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
         + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);

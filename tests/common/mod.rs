@@ -22,6 +22,7 @@ pub fn programs_dir() -> PathBuf {
 /// them as root, so not being root is a failure, not a skip.
 pub fn require_root() {
     assert_eq!(
+        // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() },
         0,
         "integration tests need root: run `cargo xtask test` (it uses sudo)"

@@ -1,6 +1,7 @@
-//! Developer tasks for rfh-trace: `cargo xtask <setup|build|run|test|bench>`.
+//! Developer tasks for rfh-trace: `cargo xtask <setup|build|run|test|bench|examples|dist>`.
 
 mod dist;
+mod examples;
 mod setup;
 mod util;
 
@@ -53,6 +54,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build release, run rfh-trace on test programs and write the redacted
+    /// report examples to docs/examples/ (rfh-trace runs through `sudo -E`
+    /// when not root).
+    Examples,
     /// Build release and package the agent as a .deb (binary, hardened
     /// systemd unit, default config) in target/dist/.
     Dist,
@@ -95,6 +100,7 @@ fn dispatch(task: Task) -> Result<i32> {
         Task::Run(args) => return run_trace(args),
         Task::Test { args } => test(args)?,
         Task::Bench { args } => bench(args)?,
+        Task::Examples => examples::examples()?,
         Task::Dist => {
             setup::setup(false)?;
             let deb = dist::deb(&build(true)?)?;

@@ -21,10 +21,10 @@ pub fn container_id(cgroup: &str) -> Option<String> {
         .or_else(|| {
             let mut parts = cgroup.split('/').peekable();
             while let Some(p) = parts.next() {
-                if p == "docker" {
-                    if let Some(id) = parts.peek().filter(|id| is_id(id)) {
-                        return Some(id.to_string());
-                    }
+                if p == "docker"
+                    && let Some(id) = parts.peek().filter(|id| is_id(id))
+                {
+                    return Some(id.to_string());
                 }
             }
             None
@@ -129,6 +129,7 @@ mod by_id_tests {
         let id = std::fs::metadata(&dir).unwrap().ino();
         // Root here, and in the test suite: open_by_handle_at needs
         // CAP_DAC_READ_SEARCH, so without it there is nothing to check.
+        // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             assert_eq!(super::cgroup_path_by_id(id).as_deref(), Some(own.as_str()));
         }

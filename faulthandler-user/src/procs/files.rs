@@ -65,7 +65,14 @@ impl Tracker {
             .values()
             .flat_map(|p| p.file_keys.iter().copied())
             .collect();
-        self.files.retain(|k, _| used.contains(k));
+        let released = &mut self.released;
+        self.files.retain(|k, f| {
+            let keep = used.contains(k);
+            if !keep {
+                released.push(f.open_path());
+            }
+            keep
+        });
         self.evict_above = self.file_limit.max(self.files.len() + self.file_limit / 4);
     }
 }
@@ -158,15 +165,25 @@ pub(crate) fn parse_maps_line(line: &str) -> Option<MapsLine<'_>> {
 fn open_mapped(proc_dir: &Path, m: &MapsLine) -> Option<OpenFile> {
     let by_range = proc_dir.join(format!("map_files/{:x}-{:x}", m.start, m.end));
     let name = strip_deleted(m.path);
-    let file = File::open(&by_range)
-        .or_else(|_| File::open(proc_dir.join("root").join(name.trim_start_matches('/'))))
-        .ok()?;
-    let build_id = build_id(&file);
-    Some(OpenFile {
-        file: Arc::new(file),
-        name: name.to_string(),
-        build_id,
+    OpenFile::open(&by_range, name).or_else(|| {
+        OpenFile::open(
+            &proc_dir.join("root").join(name.trim_start_matches('/')),
+            name,
+        )
     })
+}
+
+impl OpenFile {
+    /// Opens `path`, a file the process knew as `name`.
+    pub(super) fn open(path: &Path, name: &str) -> Option<Self> {
+        let file = File::open(path).ok()?;
+        let build_id = build_id(&file);
+        Some(OpenFile {
+            file: Arc::new(file),
+            name: name.to_string(),
+            build_id,
+        })
+    }
 }
 
 /// Finds a file by the dentry name the kernel saw and its (dev, inode),
@@ -202,7 +219,7 @@ pub(super) fn find_by_identity<'a>(
 /// GNU build-id from the ELF's PT_NOTE segments, reading only the header,
 /// the program headers and the notes, never the whole file. Takes `&File`
 /// or `&mut File` alike.
-pub fn build_id(file: impl Read + Seek) -> Option<Vec<u8>> {
+pub(crate) fn build_id(file: impl Read + Seek) -> Option<Vec<u8>> {
     let data = ReadCache::new(file);
     let header = FileHeader64::<Endianness>::parse(&data).ok()?;
     crate::modules::elf_build_id(header, header.endian().ok()?, &data)

@@ -13,18 +13,65 @@ mod files;
 
 use std::{
     collections::HashMap,
-    fs::{self, File},
-    io,
+    fs, io,
     path::{Path, PathBuf},
 };
 
 use faulthandler_common::Vma;
 
 pub use self::container::{cgroup_path_by_id, cgroup2_root, container_id};
-pub use self::files::build_id;
+#[cfg(test)]
+pub(crate) use self::files::build_id;
 pub(crate) use self::files::{FileStamp, file_stamp, parse_maps_line};
 use self::files::{MAX_OPEN_FILES, OpenFile, find_by_identity, strip_deleted};
 use crate::{decode::c_str, modules::Module};
+use faulthandler_common::VM_EXEC;
+
+/// The process (thread group) a thread id belongs to, from
+/// /proc/TID/status (which exists for every thread, listed or not).
+pub fn tgid_of(tid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `root` and every process descended from it, from the parent links in
+/// /proc (one pass, then children found level by level).
+pub fn tree(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        out.extend(
+            parents
+                .iter()
+                .filter(|&&(_, pp)| pp == parent)
+                .map(|&(p, _)| p),
+        );
+        i += 1;
+    }
+    out
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct ProcInfo {
@@ -54,6 +101,9 @@ pub struct Tracker {
     files: HashMap<(u64, u64), OpenFile>,
     /// `MAX_OPEN_FILES`, smaller in tests.
     file_limit: usize,
+    /// Open paths of files closed since `take_released`: what the
+    /// unwinder and symbolizer cached for them can go too.
+    released: Vec<PathBuf>,
     /// `files.len()` above which the next refresh runs an eviction pass.
     /// Raised past what the last pass kept, so that with more than
     /// `file_limit` files in use a pass runs once per `file_limit / 4` new
@@ -75,9 +125,15 @@ impl Tracker {
             exit_vmas: HashMap::new(),
             stale: Vec::new(),
             files: HashMap::new(),
+            released: Vec::new(),
             file_limit,
             evict_above: file_limit,
         }
+    }
+
+    /// The open paths of the files closed since the last call.
+    pub fn take_released(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.released)
     }
 
     pub fn get(&self, pid: u32) -> Option<&ProcInfo> {
@@ -112,12 +168,30 @@ impl Tracker {
         // them. A deleted file has no next process: once no tracked
         // process maps it, its handle goes (a report being made still
         // holds its own).
-        for key in gone.map(|p| p.file_keys).unwrap_or_default() {
-            let deleted = self.files.get(&key).is_some_and(|f| f.deleted());
-            if deleted && !self.procs.values().any(|p| p.file_keys.contains(&key)) {
-                self.files.remove(&key);
+        let keys = gone.map(|p| p.file_keys).unwrap_or_default();
+        self.release_deleted(&keys);
+    }
+
+    /// Closes the files among `keys` that are deleted and that no tracked
+    /// process maps.
+    fn release_deleted(&mut self, keys: &[(u64, u64)]) {
+        for key in keys {
+            let deleted = self.files.get(key).is_some_and(|f| f.deleted());
+            if deleted
+                && !self.procs.values().any(|p| p.file_keys.contains(key))
+                && let Some(f) = self.files.remove(key)
+            {
+                self.released.push(f.open_path());
             }
         }
+    }
+
+    /// Closes every cached file that was deleted after its last process
+    /// was forgotten (a binary removed once it had run): called now and
+    /// then, as nothing else would ever close it.
+    pub fn sweep_deleted(&mut self) {
+        let keys: Vec<(u64, u64)> = self.files.keys().copied().collect();
+        self.release_deleted(&keys);
     }
 
     /// Records what `pid` exec'd (the path given to execve) and re-reads
@@ -274,57 +348,47 @@ impl Tracker {
     /// The modules to unwind and symbolize a capture of `pid` with: what
     /// was read from /proc ahead of time, completed by the mappings the
     /// kernel resolved at signal time for anything that was missed.
-    pub fn modules_for(&self, pid: u32, vmas: &[Vma]) -> Vec<Module> {
+    pub fn modules_for(&mut self, pid: u32, vmas: &[Vma]) -> Vec<Module> {
         let mut modules = self
             .procs
             .get(&pid)
             .map(|p| p.modules.clone())
             .unwrap_or_default();
-        let at_exit = self
-            .exit_vmas
-            .get(&pid)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        for v in vmas.iter().chain(at_exit) {
-            const VM_EXEC: u32 = 4;
-            if v.vm_flags & VM_EXEC == 0
+        let at_exit = self.exit_vmas.get(&pid).cloned().unwrap_or_default();
+        for v in vmas.iter().chain(&at_exit) {
+            if u64::from(v.vm_flags) & VM_EXEC == 0
                 || v.ino == 0
                 || modules.iter().any(|m| m.contains(v.start))
             {
                 continue;
             }
             let key = (v.dev as u64, v.ino);
-            let found = self
-                .files
-                .get(&key)
-                .map(|f| {
-                    let hold = Some(f.hold());
-                    (f.open_path(), f.name.clone(), f.build_id.clone(), hold)
-                })
-                .or_else(|| {
-                    let exe = self
-                        .procs
-                        .get(&pid)
-                        .and_then(|p| p.exe.as_ref().map(PathBuf::from));
-                    let hints = exe.iter().chain(self.exec_paths.get(&pid));
-                    let path = find_by_identity(&c_str(&v.name), key, hints)?;
-                    let build_id = File::open(&path).ok().and_then(|mut f| build_id(&mut f));
-                    Some((
-                        path.clone(),
-                        path.to_string_lossy().into_owned(),
-                        build_id,
-                        None,
-                    ))
-                });
-            if let Some((open_path, name, build_id, hold)) = found {
+            if !self.files.contains_key(&key) {
+                // Found by name and identity, then held like any mapped
+                // file, so the caches that read it let go of it the same
+                // way once it is deleted.
+                let exe = self
+                    .procs
+                    .get(&pid)
+                    .and_then(|p| p.exe.as_ref().map(PathBuf::from));
+                let hints = exe.iter().chain(self.exec_paths.get(&pid));
+                let Some(path) = find_by_identity(&c_str(&v.name), key, hints) else {
+                    continue;
+                };
+                let Some(f) = OpenFile::open(&path, &path.to_string_lossy()) else {
+                    continue;
+                };
+                self.files.insert(key, f);
+            }
+            if let Some(f) = self.files.get(&key) {
                 modules.push(Module {
-                    open_path,
-                    name,
+                    open_path: f.open_path(),
+                    name: f.name.clone(),
                     start: v.start,
                     end: v.end,
                     file_offset: v.file_offset,
-                    build_id,
-                    hold,
+                    build_id: f.build_id.clone(),
+                    hold: Some(f.hold()),
                 });
             }
         }
@@ -335,6 +399,34 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tree_and_threads() {
+        let own = std::process::id();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let t = tree(own);
+        assert_eq!(t[0], own);
+        assert!(t.contains(&child.id()), "{t:?}");
+        let _ = child.kill();
+        let _ = child.wait();
+        // A thread id names its process.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        assert_ne!(tid, own);
+        assert_eq!(tgid_of(tid), Some(own));
+        done_tx.send(()).unwrap();
+        h.join().unwrap();
+        assert_eq!(tgid_of(own), Some(own));
+    }
 
     #[test]
     fn tracks_itself() {

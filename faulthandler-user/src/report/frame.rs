@@ -8,6 +8,8 @@ use serde::{Serialize, Serializer, ser::SerializeMap};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
     Native(NativeFrame),
+    // Constructed once Python frames are merged in (issue 8).
+    #[allow(dead_code)]
     Python(PythonFrame),
 }
 
@@ -50,13 +52,6 @@ pub struct PythonFrame {
 }
 
 impl Frame {
-    pub fn address(&self) -> u64 {
-        match self {
-            Frame::Native(f) => f.address,
-            Frame::Python(f) => f.address,
-        }
-    }
-
     pub fn function(&self) -> Option<&str> {
         match self {
             Frame::Native(f) => f.function.as_deref(),

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use serde::{Serialize, Serializer};
 
-pub use self::frame::{Frame, NativeFrame, PythonFrame, hex};
+#[cfg(test)]
+pub use self::frame::PythonFrame;
+pub use self::frame::{Frame, NativeFrame, hex};
 pub use crate::profile::ProfileSummary;
 
 pub const SCHEMA: &str = "rfh-trace.report.v1";

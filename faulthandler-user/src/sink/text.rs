@@ -143,7 +143,7 @@ fn header(out: &mut String, r: &Report, st: &Style) {
         );
     }
     if let Some(p) = &r.profile {
-        out.push_str(&escape(&p.to_text()));
+        out.push_str(&p.to_text());
     }
     if r.threads_omitted > 0 {
         let _ = writeln!(
@@ -308,5 +308,25 @@ mod tests {
             "{text}"
         );
         assert!(text.starts_with("Fatal signal SIGSEGV, code SEGV_MAPERR, address 0x0\n"));
+    }
+
+    #[test]
+    fn profile_block_keeps_its_lines_and_escapes_names() {
+        let mut p = crate::profile::Profile::default();
+        let f = Frame::Native(NativeFrame {
+            function: Some("spin\x1b[2J".into()),
+            ..NativeFrame::default()
+        });
+        p.add("worker\nFatal", std::slice::from_ref(&f));
+        p.add("worker\nFatal", &[f]);
+        let mut r = report();
+        r.kind = Kind::Timeout;
+        r.signal = None;
+        r.profile = Some(p.summary(10));
+        let text = render(&r, false);
+        assert!(
+            text.contains("CPU profile (2 samples):\n  100.0%  (2) worker\\nFatal: spin\\x1b[2J\n"),
+            "{text}"
+        );
     }
 }

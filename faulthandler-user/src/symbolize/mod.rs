@@ -64,6 +64,7 @@ impl Symbolizer {
         }
     }
 
+    #[cfg(test)]
     pub fn with_limits(mut self, limits: SymbolizerLimits) -> Self {
         self.opened = Opened::new(limits);
         self
@@ -82,6 +83,7 @@ impl Symbolizer {
         self.files.remove(&forgotten.stamp);
     }
 
+    #[cfg(test)]
     /// addrs[0] is the exact instruction pointer of the innermost frame;
     /// addrs[1..] are raw return addresses (looked up at addr-1 so the call
     /// site's line is found, but printed as given).
@@ -361,7 +363,7 @@ mod tests {
     }
 
     /// Files under `dir` this process holds open or mapped.
-    fn held_under(dir: &std::path::Path) -> std::collections::BTreeSet<PathBuf> {
+    fn held_under(dir: &Path) -> std::collections::BTreeSet<PathBuf> {
         let fds = std::fs::read_dir("/proc/self/fd").unwrap();
         let mut held: std::collections::BTreeSet<PathBuf> = fds
             .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())

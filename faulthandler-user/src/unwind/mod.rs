@@ -21,6 +21,7 @@ use std::sync::Arc;
 use framehop::Unwinder as _;
 use framehop::x86_64::UnwinderX86_64;
 
+#[cfg(test)]
 pub use self::cache::CacheLimits;
 use self::cache::FileCache;
 use self::elf::Mapped;
@@ -203,6 +204,7 @@ impl Unwound {
         }
     }
 
+    #[cfg(test)]
     /// The addresses alone, innermost first.
     pub fn addrs(&self) -> Vec<u64> {
         self.frames.iter().map(|f| f.addr).collect()
@@ -221,6 +223,7 @@ impl Unwinder {
         Self::default()
     }
 
+    #[cfg(test)]
     pub fn with_limits(limits: CacheLimits) -> Self {
         Self {
             cache: FileCache::new(limits),

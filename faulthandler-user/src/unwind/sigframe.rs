@@ -52,7 +52,7 @@ const SIGBUS: i32 = 7;
 const SIGFPE: i32 = 8;
 const SIGSEGV: i32 = 11;
 /// si_code of a signal the kernel raised without a fault address (#GP).
-const SI_KERNEL: i32 = 0x80;
+use faulthandler_common::SI_KERNEL;
 
 /// What the kernel saved when it delivered a signal to a handler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

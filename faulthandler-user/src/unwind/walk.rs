@@ -251,7 +251,7 @@ mod tests {
     /// The handler's frame (rbp chain) returns to the trampoline at
     /// BASE+0x18, the kernel's frame above it; the interrupted code's
     /// frame-pointer chain starts at BASE+0x400 and ends at BASE+0x500.
-    fn handler_stack(interrupted: sigframe::SigFrame) -> Vec<u8> {
+    fn handler_stack(interrupted: SigFrame) -> Vec<u8> {
         let mut b = stack(0, &[(BASE + 0x400, BASE + 0x500), (BASE + 0x408, CALLER)]);
         put(
             &mut b,
@@ -275,8 +275,8 @@ mod tests {
         addr: 0x40,
     };
 
-    fn fault() -> sigframe::SigFrame {
-        sigframe::SigFrame {
+    fn fault() -> SigFrame {
+        SigFrame {
             ip: FAULT,
             sp: BASE + 0x400,
             bp: BASE + 0x400,
@@ -306,7 +306,7 @@ mod tests {
         assert_eq!(u.error, None, "{u:?}");
         // A plain handler's frame: same walk, no siginfo to trust.
         let u = walk_on(
-            &handler_stack(sigframe::SigFrame {
+            &handler_stack(SigFrame {
                 info: None,
                 ..fault()
             }),
@@ -319,7 +319,7 @@ mod tests {
         assert_eq!(u.signal_frames[0].fault_for(6), None);
 
         // A NULL call interrupted: its caller's return address is at [sp].
-        let null = sigframe::SigFrame { ip: 0, ..fault() };
+        let null = SigFrame { ip: 0, ..fault() };
         let mut b = handler_stack(null);
         put(&mut b, BASE + 0x400, &CALLER.to_le_bytes());
         let u = walk_on(&b, in_handler());
@@ -331,7 +331,7 @@ mod tests {
         let cases = [
             // Forged: the saved rip is a memory word, not code.
             (
-                sigframe::SigFrame {
+                SigFrame {
                     ip: SECRET,
                     ..fault()
                 },
@@ -340,7 +340,7 @@ mod tests {
             ),
             // Handler on the altstack, interrupted code elsewhere.
             (
-                sigframe::SigFrame {
+                SigFrame {
                     sp: 0x7fff_0000_0000,
                     altstack: Some((BASE, 0x1000)),
                     ..fault()
@@ -350,7 +350,7 @@ mod tests {
             ),
             // Same stack, further up than the copy.
             (
-                sigframe::SigFrame {
+                SigFrame {
                     sp: BASE + 0x10_0000,
                     ..fault()
                 },
@@ -359,7 +359,7 @@ mod tests {
             ),
             // Below the signal frame it was interrupted to push.
             (
-                sigframe::SigFrame {
+                SigFrame {
                     sp: BASE + 8,
                     ..fault()
                 },
@@ -375,7 +375,7 @@ mod tests {
             assert!(!u.frames.iter().any(|f| f.addr == SECRET));
         }
         let u = walk_on(
-            &handler_stack(sigframe::SigFrame {
+            &handler_stack(SigFrame {
                 sp: BASE + 0x10_0000,
                 ..fault()
             }),
