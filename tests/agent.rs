@@ -447,3 +447,60 @@ fn deployment_manifests_validate_against_the_kubernetes_schemas() {
         assert!(ds.contains(needle), "daemonset.yaml lacks {needle}");
     }
 }
+
+#[test]
+fn prometheus_scrapes_the_agent() {
+    common::require_root();
+    let immediate = common::build("immediate.c", &["-g", "-O0"]);
+    let work = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&[], &[], &[("NODE_NAME", "node-prom")]);
+    let out = Command::new(&immediate.exe).status().unwrap();
+    assert!(!out.success());
+    agent
+        .wait_for(Duration::from_secs(15), |v| v["kind"] == "crash")
+        .expect("a crash report");
+    let port = support::free_port();
+    let config = work.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: rfh-trace\n    static_configs:\n      - targets: ['{}']\n",
+            agent.metrics
+        ),
+    )
+    .unwrap();
+    let mut prom = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", work.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (Debian package; cargo xtask setup --with-test-tools)");
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let query = |q: &str| {
+        std::net::TcpStream::connect(addr)
+            .ok()
+            .map(|_| support::http_get(addr, &format!("/api/v1/query?query={q}")).1)
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut body = String::new();
+    while Instant::now() < deadline {
+        body = query("rfh_trace_reports_total");
+        if body.contains("\"kind\":\"crash\"") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let up = query("up");
+    let _ = prom.kill();
+    let _ = prom.wait();
+    let (status, ..) = agent.stop();
+    assert!(status.success());
+    assert!(
+        body.contains("\"kind\":\"crash\"") && body.contains("\"signal\":\"SIGSEGV\""),
+        "Prometheus did not scrape the crash counter: {body}"
+    );
+    assert!(up.contains("\"job\":\"rfh-trace\""), "{up}");
+}

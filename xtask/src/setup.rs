@@ -18,6 +18,11 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("gdb", "gdb"),
     ("eu-stack", "elfutils"),
     ("bpftool", "bpftool"),
+    // The agent's tests: Prometheus scrapes it; setpriv runs it with
+    // capabilities only; ip builds the simulated cluster's namespaces.
+    ("prometheus", "prometheus"),
+    ("setpriv", "util-linux"),
+    ("ip", "iproute2"),
 ];
 
 /// glibc's separate debug info (Debian package): the integration tests
