@@ -504,3 +504,36 @@ fn prometheus_scrapes_the_agent() {
     );
     assert!(up.contains("\"job\":\"rfh-trace\""), "{up}");
 }
+
+#[test]
+fn a_podman_container_is_identified_by_its_runtime_id() {
+    common::require_root();
+    let immediate = common::build("immediate.c", &["-g", "-O0"]);
+    let work = tempfile::tempdir().unwrap();
+    let tag = format!("rfh-test-{}", std::process::id());
+    let image = support::podman_image(work.path(), &immediate.exe, &tag);
+    let agent = Agent::start(&[], &[], &[("NODE_NAME", "node-podman")]);
+    let run = support::podman(work.path())
+        .args(["run", "--name", &tag, &image, "/immediate"])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(139), "{}", String::from_utf8_lossy(&run.stderr));
+    let inspect = support::podman(work.path())
+        .args(["inspect", "--format", "{{.Id}}", &tag])
+        .output()
+        .unwrap();
+    let id = String::from_utf8_lossy(&inspect.stdout).trim().to_string();
+    assert_eq!(id.len(), 64, "podman inspect: {id}");
+    let r = agent.wait_for(Duration::from_secs(15), |v| {
+        v["kind"] == "crash" && v["process"]["comm"] == "immediate"
+    });
+    let _ = support::podman(work.path()).args(["rm", "-f", &tag]).output();
+    let _ = support::podman(work.path()).args(["rmi", "-f", &image]).output();
+    let (status, ..) = agent.stop();
+    let r = r.expect("a report of the crash in the container");
+    assert_eq!(r["process"]["container_id"], id.as_str(), "the runtime's own id");
+    assert_eq!(r["process"]["ns_pid"], 1, "pid 1 in its own PID namespace");
+    // The binary exists only in the container's mount namespace.
+    assert_eq!(common::current_thread(&r)["frames"][0]["function"], "main");
+    assert!(status.success());
+}

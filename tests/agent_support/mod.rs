@@ -366,3 +366,53 @@ pub fn rotel_agent() -> PathBuf {
     );
     path
 }
+
+/// `podman` as this machine runs it: runc with the cgroupfs manager (crun
+/// refuses hybrid v1/v2 cgroup hosts), and no default ulimits (raising
+/// them needs CAP_SYS_RESOURCE, which a sandboxed root may lack).
+pub fn podman(work: &Path) -> Command {
+    let conf = work.join("containers.conf");
+    std::fs::write(&conf, "[containers]\ndefault_ulimits = []\n").unwrap();
+    let mut c = Command::new("podman");
+    c.args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"])
+        .env("CONTAINERS_CONF", conf);
+    c
+}
+
+/// An image holding `exe` (at /) and the shared libraries it loads, made
+/// without a registry: `podman import` of a root built here.
+pub fn podman_image(work: &Path, exe: &Path, name: &str) -> String {
+    let root = work.join("image-root");
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap();
+    };
+    copy(exe, &root.join(exe.file_name().unwrap()));
+    let ldd = Command::new("ldd").arg(exe).output().expect("ldd");
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let lib = Path::new(lib);
+        copy(lib, &root.join(lib.strip_prefix("/").unwrap()));
+    }
+    let tar = work.join("image.tar");
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let image = format!("localhost/{name}:test");
+    let out = podman(work)
+        .arg("import")
+        .arg(&tar)
+        .arg(&image)
+        .output()
+        .expect("podman (cargo xtask setup --with-test-tools)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    image
+}

@@ -23,6 +23,9 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("setpriv", "util-linux"),
     ("ip", "iproute2"),
+    // A real container for the agent's identity test.
+    ("podman", "podman"),
+    ("runc", "runc"),
 ];
 
 /// glibc's separate debug info (Debian package): the integration tests

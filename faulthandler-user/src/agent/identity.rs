@@ -44,17 +44,26 @@ fn pod_uid_of(part: &str) -> Option<String> {
 /// systemd scopes (`docker-`, `cri-containerd-`, `crio-`, `libpod-`) or a
 /// bare id (cgroupfs layouts: `/docker/<id>`, `/kubepods/…/pod<uid>/<id>`).
 fn container_of(part: &str) -> Option<String> {
-    if let Some(scope) = part.strip_suffix(".scope") {
-        // crio-conmon-<id>.scope is the monitor, not the container.
-        if scope.starts_with("crio-conmon-") || scope.starts_with("libpod-conmon-") {
-            return None;
-        }
-        let id = ["docker-", "cri-containerd-", "crio-", "libpod-", "containerd-"]
-            .iter()
-            .find_map(|pre| scope.strip_prefix(pre))?;
-        return is_hex_id(id).then(|| id.to_string());
+    let (name, scope) = match part.strip_suffix(".scope") {
+        Some(n) => (n, true),
+        None => (part, false),
+    };
+    // crio-conmon-<id>.scope is the monitor, not the container.
+    if name.starts_with("crio-conmon-") || name.starts_with("libpod-conmon-") {
+        return None;
     }
-    (part.len() == 64 && is_hex_id(part)).then(|| part.to_string())
+    let id = ["docker-", "cri-containerd-", "crio-", "libpod-", "containerd-"]
+        .iter()
+        .find_map(|pre| name.strip_prefix(pre));
+    match id {
+        // A scope names its unit: a short id is still an id.
+        Some(id) if scope && is_hex_id(id) => Some(id.to_string()),
+        // Without the scope suffix (podman's cgroupfs `libpod-<id>`), or
+        // bare (`/docker/<id>`, `/kubepods/…/pod<uid>/<id>`): a full id only.
+        Some(id) if id.len() == 64 && is_hex_id(id) => Some(id.to_string()),
+        None if !scope && name.len() == 64 && is_hex_id(name) => Some(name.to_string()),
+        _ => None,
+    }
 }
 
 /// Container id and pod UID from a cgroup v2 path (`/proc/PID/cgroup`'s
@@ -253,6 +262,10 @@ mod tests {
         assert_eq!(id(&p).container_id.as_deref(), Some(ID));
         let p = format!("/machine.slice/libpod-conmon-{ID}.scope");
         assert_eq!(id(&p).container_id, None);
+        // podman with the cgroupfs manager.
+        let p = format!("/libpod_parent/libpod-{ID}");
+        assert_eq!(id(&p).container_id.as_deref(), Some(ID));
+        assert_eq!(id("/libpod_parent/libpod-conmon-abc"), CgroupIdentity::default());
         // containerd without Kubernetes (`ctr run`, cgroupfs).
         assert_eq!(id(&format!("/default/{ID}")).container_id.as_deref(), Some(ID));
     }
