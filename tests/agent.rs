@@ -537,3 +537,50 @@ fn a_podman_container_is_identified_by_its_runtime_id() {
     assert_eq!(common::current_thread(&r)["frames"][0]["function"], "main");
     assert!(status.success());
 }
+
+#[test]
+fn the_agent_runs_in_a_container_with_host_pids_and_capabilities_only() {
+    common::require_root();
+    let immediate = common::build("immediate.c", &["-g", "-O0"]);
+    let work = tempfile::tempdir().unwrap();
+    let tag = format!("rfh-agent-test-{}", std::process::id());
+    let image = support::podman_image(work.path(), std::path::Path::new(common::rfh_trace()), &tag);
+    let port = support::free_port();
+    let mut ctr = support::podman(work.path())
+        .args(["run", "--rm", "--name", &tag, "--pid=host", "--network=host", "--read-only"])
+        .args(["--tmpfs", "/run/rfh-trace", "--cap-drop=all"])
+        .arg("--cap-add=BPF,PERFMON,SYS_PTRACE,CHECKPOINT_RESTORE,DAC_READ_SEARCH")
+        // podman's default seccomp profile allows bpf() with CAP_SYS_ADMIN only.
+        .args(["--security-opt", "seccomp=unconfined", "-e", "NODE_NAME=node-ctr"])
+        .args([&image, "/rfh-trace", "agent", "--stdout"])
+        .arg(format!("--metrics-addr=127.0.0.1:{port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ready = false;
+    while !ready && Instant::now() < deadline && matches!(ctr.try_wait(), Ok(None)) {
+        ready = std::net::TcpStream::connect(addr).is_ok() && support::http_get(addr, "/readyz").0 == 200;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if ready {
+        let child = Command::new(&immediate.exe).spawn().unwrap();
+        let _ = child.wait_with_output();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let _ = support::podman(work.path()).args(["stop", "-t", "5", &tag]).output();
+    let out = ctr.wait_with_output().unwrap();
+    let _ = support::podman(work.path()).args(["rmi", "-f", &image]).output();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(ready, "the containerized agent never got ready: {}", String::from_utf8_lossy(&out.stderr));
+    let reports: Vec<Value> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let r = reports
+        .iter()
+        .find(|v| v["kind"] == "crash" && v["process"]["exe"].as_str().is_some_and(|e| e.ends_with("/immediate")))
+        .unwrap_or_else(|| panic!("no report from the container: {stdout}"));
+    assert_eq!(r["node"], "node-ctr");
+    assert_eq!(common::current_thread(r)["frames"][0]["function"], "main");
+    assert_eq!(reports.last().unwrap()["kind"], "loss", "stopped cleanly, final record written");
+}

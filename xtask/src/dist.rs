@@ -1,6 +1,8 @@
 //! `cargo xtask dist`: a Debian package of the agent (the binary, the
 //! hardened systemd unit, a default configuration and the examples),
-//! built with dpkg-deb from a staged tree.
+//! built with dpkg-deb from a staged tree; and a container image made
+//! without a registry: a root holding the binary and the shared libraries
+//! it loads, as a tarball, imported into podman when podman is there.
 
 use std::{
     fs,
@@ -109,4 +111,50 @@ fn dir_size(dir: &Path) -> Result<u64> {
         total += if m.is_dir() { dir_size(&e.path())? } else { m.len() };
     }
     Ok(total)
+}
+
+/// Builds target/dist/rfh-trace-image_VERSION.tar (a root file system:
+/// /usr/bin/rfh-trace and its libraries) and, with podman, imports it as
+/// `localhost/rfh-trace:VERSION`. Returns the tarball and the image name.
+pub fn image(bin: &Path) -> Result<(PathBuf, Option<String>)> {
+    let root = workspace_root();
+    let version = version(&root)?;
+    let dist = target_dir().join("dist");
+    let stage = dist.join("image-root");
+    if stage.exists() {
+        fs::remove_dir_all(&stage)?;
+    }
+    let usr_bin = stage.join("usr/bin/rfh-trace");
+    copy(bin, &usr_bin, 0o755)?;
+    if find_program("objcopy").is_some() {
+        run(cmd("objcopy").arg("--strip-debug").arg(&usr_bin))?;
+    }
+    let ldd = crate::util::output(cmd("ldd").arg(bin))?;
+    for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+        let lib = Path::new(lib);
+        copy(lib, &stage.join(lib.strip_prefix("/")?), 0o755)?;
+    }
+    // The socket's directory and a writable /tmp, for a read-only root.
+    for dir in ["run/rfh-trace", "tmp"] {
+        fs::create_dir_all(stage.join(dir))?;
+    }
+    let tar = dist.join(format!("rfh-trace-image_{version}.tar"));
+    let mut pack = cmd("tar");
+    pack.args(["--owner=0", "--group=0", "-C"]).arg(&stage).arg("-cf").arg(&tar).arg(".");
+    run(&mut pack)?;
+    if find_program("podman").is_none() {
+        eprintln!("xtask: podman is missing: {} not imported", tar.display());
+        return Ok((tar, None));
+    }
+    let name = format!("localhost/rfh-trace:{version}");
+    let mut import = cmd("podman");
+    import
+        .arg("import")
+        .args(["--change", "ENTRYPOINT [\"/usr/bin/rfh-trace\"]"])
+        .args(["--change", "CMD [\"agent\", \"--stdout\"]"])
+        .arg(&tar)
+        .arg(&name);
+    eprintln!("xtask: {}", display(&import));
+    run(&mut import)?;
+    Ok((tar, Some(name)))
 }

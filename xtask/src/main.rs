@@ -58,8 +58,9 @@ enum Task {
     /// report examples to docs/examples/ (rfh-trace runs through `sudo -E`
     /// when not root).
     Examples,
-    /// Build release and package the agent as a .deb (binary, hardened
-    /// systemd unit, default config) in target/dist/.
+    /// Build release and package the agent in target/dist/: a .deb (binary,
+    /// hardened systemd unit, default config) and a container image root
+    /// (imported into podman as localhost/rfh-trace:VERSION when present).
     Dist,
 }
 
@@ -103,8 +104,14 @@ fn dispatch(task: Task) -> Result<i32> {
         Task::Examples => examples::examples()?,
         Task::Dist => {
             setup::setup(false)?;
-            let deb = dist::deb(&build(true)?)?;
+            let bin = build(true)?;
+            let deb = dist::deb(&bin)?;
             println!("{}", deb.display());
+            let (tar, image) = dist::image(&bin)?;
+            println!("{}", tar.display());
+            if let Some(image) = image {
+                println!("{image}");
+            }
         }
     }
     Ok(0)
