@@ -90,9 +90,17 @@ fn reports_carry_node_and_pod_identity_in_every_sink() {
     assert!(!out.status.success());
     let report = agent
         .wait_for(Duration::from_secs(15), |v| {
-            v["kind"] == "crash" && v["process"]["exe"].as_str().is_some_and(|e| e.ends_with("/immediate"))
+            v["kind"] == "crash"
+                && v["process"]["exe"]
+                    .as_str()
+                    .is_some_and(|e| e.ends_with("/immediate"))
         })
-        .unwrap_or_else(|| panic!("no crash report on stdout; stderr:\n{}", agent.stderr_text()));
+        .unwrap_or_else(|| {
+            panic!(
+                "no crash report on stdout; stderr:\n{}",
+                agent.stderr_text()
+            )
+        });
     common::validate(&report);
     assert_eq!(report["node"], "node-test-1");
     assert_eq!(report["process"]["container_id"], id.as_str());
@@ -102,7 +110,11 @@ fn reports_carry_node_and_pod_identity_in_every_sink() {
     assert_eq!(k8s["pod"], "cart-7d9f8-x2k4q");
     assert_eq!(k8s["pod_uid"], POD_UID);
     assert_eq!(k8s["container"], "app", "named through /var/log/containers");
-    assert!(report["signature"].as_str().is_some_and(|s| s.starts_with("v1-")));
+    assert!(
+        report["signature"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("v1-"))
+    );
     assert_eq!(report["signal"]["name"], "SIGSEGV");
     let top = common::current_thread(&report);
     assert_eq!(top["frames"][0]["function"], "main");
@@ -116,13 +128,20 @@ fn reports_carry_node_and_pod_identity_in_every_sink() {
     let out = cg.command(&thousand.exe, &["200"]).output().unwrap();
     assert!(!out.status.success());
     let is_big = |v: &Value| {
-        v["kind"] == "crash" && v["process"]["exe"].as_str().is_some_and(|e| e.ends_with("/thousand"))
+        v["kind"] == "crash"
+            && v["process"]["exe"]
+                .as_str()
+                .is_some_and(|e| e.ends_with("/thousand"))
     };
     let cut = agent
         .wait_for(Duration::from_secs(20), is_big)
         .expect("the 200-thread crash on stdout");
     let line = agent.raw_line(is_big).unwrap();
-    assert!(line.len() + 1 < 16 * 1024, "stdout line of {} bytes", line.len());
+    assert!(
+        line.len() + 1 < 16 * 1024,
+        "stdout line of {} bytes",
+        line.len()
+    );
     assert_eq!(cut["truncated_report"], true);
     assert_eq!(cut["threads"][0]["current"], true);
     assert_eq!(cut["process"]["container_id"], id.as_str());
@@ -131,7 +150,10 @@ fn reports_carry_node_and_pod_identity_in_every_sink() {
     // Metrics: reports by kind and signal, watched processes, RSS.
     let (status, text) = agent.get("/metrics");
     assert_eq!(status, 200);
-    let crashes = metric(&text, "rfh_trace_reports_total{kind=\"crash\",signal=\"SIGSEGV\"}");
+    let crashes = metric(
+        &text,
+        "rfh_trace_reports_total{kind=\"crash\",signal=\"SIGSEGV\"}",
+    );
     assert!(crashes.is_some_and(|n| n >= 2.0), "{text}");
     assert!(metric(&text, "rfh_trace_watched_processes").is_some_and(|n| n > 0.0));
     let rss = metric(&text, "rfh_trace_resident_memory_bytes").unwrap();
@@ -143,7 +165,10 @@ fn reports_carry_node_and_pod_identity_in_every_sink() {
     assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
     let last = records.last().expect("records");
-    assert_eq!(last["kind"], "loss", "the last record is the final loss record");
+    assert_eq!(
+        last["kind"], "loss",
+        "the last record is the final loss record"
+    );
     assert_eq!(last["node"], "node-test-1");
     common::validate(last);
     // The kernel frees a program once its last descriptor is closed and
@@ -158,14 +183,23 @@ fn reports_carry_node_and_pod_identity_in_every_sink() {
 
     // The file sink: every report in full.
     let text = std::fs::read_to_string(&file).unwrap();
-    let in_file: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let full = in_file.iter().find(|v| is_big(v)).expect("200-thread crash in the file");
+    let in_file: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let full = in_file
+        .iter()
+        .find(|v| is_big(v))
+        .expect("200-thread crash in the file");
     assert!(full.get("truncated_report").is_none());
     assert!(
         full["threads"].as_array().unwrap().len() > cut["threads"].as_array().unwrap().len(),
         "the file keeps the threads stdout cut"
     );
-    let same = in_file.iter().find(|v| crash_of(crashed)(v)).expect("the first crash in the file");
+    let same = in_file
+        .iter()
+        .find(|v| crash_of(crashed)(v))
+        .expect("the first crash in the file");
     assert_eq!(same["signature"], report["signature"]);
     assert_eq!(in_file.last().unwrap()["kind"], "loss");
 }
@@ -175,7 +209,10 @@ fn a_crash_storm_is_reported_or_counted_and_filtered_by_cgroup_in_the_kernel() {
     common::require_root();
     let storm = common::build("storm.c", &["-g", "-O1"]);
     let immediate = common::build("immediate.c", &["-g", "-O0"]);
-    let cg = Cgroup::new(&format!("rfhtest-storm-{}.slice/workload", std::process::id()));
+    let cg = Cgroup::new(&format!(
+        "rfhtest-storm-{}.slice/workload",
+        std::process::id()
+    ));
     let agent = Agent::start(
         &[],
         &[
@@ -216,14 +253,28 @@ fn a_crash_storm_is_reported_or_counted_and_filtered_by_cgroup_in_the_kernel() {
 
     let reports: Vec<&Value> = records.iter().filter(|v| v["kind"] == "crash").collect();
     assert!(
-        reports.iter().all(|r| r["process"]["exe"].as_str().is_some_and(|e| e.ends_with("/storm"))),
+        reports.iter().all(|r| r["process"]["exe"]
+            .as_str()
+            .is_some_and(|e| e.ends_with("/storm"))),
         "only the subtree's crashes are reported: {:?}",
-        reports.iter().map(|r| &r["process"]["exe"]).collect::<Vec<_>>()
+        reports
+            .iter()
+            .map(|r| &r["process"]["exe"])
+            .collect::<Vec<_>>()
     );
-    let signatures: std::collections::BTreeSet<&str> =
-        reports.iter().filter_map(|r| r["signature"].as_str()).collect();
-    assert_eq!(signatures.len(), 1, "one bug, one signature: {signatures:?}");
-    let carried: u64 = reports.iter().filter_map(|r| r["suppressed"].as_u64()).sum();
+    let signatures: std::collections::BTreeSet<&str> = reports
+        .iter()
+        .filter_map(|r| r["signature"].as_str())
+        .collect();
+    assert_eq!(
+        signatures.len(),
+        1,
+        "one bug, one signature: {signatures:?}"
+    );
+    let carried: u64 = reports
+        .iter()
+        .filter_map(|r| r["suppressed"].as_u64())
+        .sum();
     let mut lost = std::collections::BTreeMap::<String, u64>::new();
     for l in records.iter().filter(|v| v["kind"] == "loss") {
         common::validate(l);
@@ -232,10 +283,15 @@ fn a_crash_storm_is_reported_or_counted_and_filtered_by_cgroup_in_the_kernel() {
         }
     }
     // Whole crashes lost before the hub, by cause.
-    let whole = ["ring_full", "queue_full", "dying_map_full", "watch_map_full"]
-        .iter()
-        .map(|k| lost.get(*k).copied().unwrap_or(0))
-        .sum::<u64>();
+    let whole = [
+        "ring_full",
+        "queue_full",
+        "dying_map_full",
+        "watch_map_full",
+    ]
+    .iter()
+    .map(|k| lost.get(*k).copied().unwrap_or(0))
+    .sum::<u64>();
     let counted = reports.len() as u64
         + carried
         + lost.get("suppressed").copied().unwrap_or(0)
@@ -249,10 +305,18 @@ fn a_crash_storm_is_reported_or_counted_and_filtered_by_cgroup_in_the_kernel() {
         rss >> 20
     );
     assert_eq!(counted, 1000, "every crash reported or counted");
-    assert!(reports.len() >= 10, "the first of each 4 s window are reported");
-    assert!(carried > 0, "a later window's first report carries the count");
+    assert!(
+        reports.len() >= 10,
+        "the first of each 4 s window are reported"
+    );
+    assert!(
+        carried > 0,
+        "a later window's first report carries the count"
+    );
     assert!(storm_time < Duration::from_secs(15), "{storm_time:?}");
-    assert!(suppressed_metric >= (carried + lost.get("suppressed").copied().unwrap_or(0)) as f64 - 0.5);
+    assert!(
+        suppressed_metric >= (carried + lost.get("suppressed").copied().unwrap_or(0)) as f64 - 0.5
+    );
 }
 
 #[test]
@@ -269,10 +333,19 @@ fn dumps_go_through_the_agent_socket_and_only_for_root() {
             .env("RFH_TRACE_SOCKET", socket)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON report");
         assert_eq!(v["kind"], "on_demand");
-        assert!(common::functions(&v["threads"][0]).iter().any(|f| f.contains("nanosleep")), "{v:#}");
+        assert!(
+            common::functions(&v["threads"][0])
+                .iter()
+                .any(|f| f.contains("nanosleep")),
+            "{v:#}"
+        );
         t.elapsed()
     };
     let median = |mut v: Vec<Duration>| {
@@ -280,7 +353,11 @@ fn dumps_go_through_the_agent_socket_and_only_for_root() {
         v[v.len() / 2]
     };
     let warm = median((0..5).map(|_| dump(&agent.socket)).collect());
-    let cold = median((0..3).map(|_| dump(std::path::Path::new("/nonexistent/agent.sock"))).collect());
+    let cold = median(
+        (0..3)
+            .map(|_| dump(std::path::Path::new("/nonexistent/agent.sock")))
+            .collect(),
+    );
     eprintln!("dump of a 1-thread process: warm agent {warm:?}, cold {cold:?}");
     assert!(warm * 2 < cold, "warm {warm:?} vs cold {cold:?}");
 
@@ -290,7 +367,14 @@ fn dumps_go_through_the_agent_socket_and_only_for_root() {
     std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&agent.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", common::rfh_trace(), "dump", &pid])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            common::rfh_trace(),
+            "dump",
+            &pid,
+        ])
         .env("RFH_TRACE_SOCKET", &agent.socket)
         .output()
         .unwrap();
@@ -330,7 +414,10 @@ fn reports_reach_an_otlp_collector_with_semantic_convention_resources() {
     let agent = Agent::start(
         &[],
         &[],
-        &[("NODE_NAME", "node-otlp"), ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
+        &[
+            ("NODE_NAME", "node-otlp"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ],
     );
     std::thread::sleep(Duration::from_millis(500));
     let child = cg.command(&immediate.exe, &[]).spawn().unwrap();
@@ -366,9 +453,15 @@ fn reports_reach_an_otlp_collector_with_semantic_convention_resources() {
     let _ = collector.kill();
     let _ = collector.wait();
     for w in &want {
-        assert!(seen.contains(w.as_str()), "{w} not received by the collector:\n{seen}");
+        assert!(
+            seen.contains(w.as_str()),
+            "{w} not received by the collector:\n{seen}"
+        );
     }
-    assert!(seen.contains("EventName: rfh-trace.loss"), "the final loss record reached it too");
+    assert!(
+        seen.contains("EventName: rfh-trace.loss"),
+        "the final loss record reached it too"
+    );
     assert!(status.success());
 }
 
@@ -393,7 +486,12 @@ fn a_capability_only_agent_runs_as_an_unprivileged_user() {
     ];
     let agent = Agent::start(&wrap, &[], &[("NODE_NAME", "node-caps")]);
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
-    assert!(status.lines().any(|l| l.starts_with("Uid:") && l.contains("65534")), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains("65534")),
+        "{status}"
+    );
     let child = cg.command(&immediate.exe, &[]).spawn().unwrap();
     let pid = child.id();
     let _ = child.wait_with_output();
@@ -401,7 +499,11 @@ fn a_capability_only_agent_runs_as_an_unprivileged_user() {
         .wait_for(Duration::from_secs(15), crash_of(pid))
         .unwrap_or_else(|| panic!("no report; stderr:\n{}", agent.stderr_text()));
     assert_eq!(r["node"], "node-caps");
-    assert_eq!(r["process"]["container_id"], id.as_str(), "identity from the kernel's cgroup id");
+    assert_eq!(
+        r["process"]["container_id"],
+        id.as_str(),
+        "identity from the kernel's cgroup id"
+    );
     assert_eq!(common::current_thread(&r)["frames"][0]["function"], "main");
     assert_eq!(agent.get("/readyz").0, 200);
     let (status, took, records, stderr) = agent.stop();
@@ -471,7 +573,10 @@ fn prometheus_scrapes_the_agent() {
     .unwrap();
     let mut prom = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", work.path().join("data").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            work.path().join("data").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -517,7 +622,12 @@ fn a_podman_container_is_identified_by_its_runtime_id() {
         .args(["run", "--name", &tag, &image, "/immediate"])
         .output()
         .unwrap();
-    assert_eq!(run.status.code(), Some(139), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(
+        run.status.code(),
+        Some(139),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let inspect = support::podman(work.path())
         .args(["inspect", "--format", "{{.Id}}", &tag])
         .output()
@@ -527,11 +637,19 @@ fn a_podman_container_is_identified_by_its_runtime_id() {
     let r = agent.wait_for(Duration::from_secs(15), |v| {
         v["kind"] == "crash" && v["process"]["comm"] == "immediate"
     });
-    let _ = support::podman(work.path()).args(["rm", "-f", &tag]).output();
-    let _ = support::podman(work.path()).args(["rmi", "-f", &image]).output();
+    let _ = support::podman(work.path())
+        .args(["rm", "-f", &tag])
+        .output();
+    let _ = support::podman(work.path())
+        .args(["rmi", "-f", &image])
+        .output();
     let (status, ..) = agent.stop();
     let r = r.expect("a report of the crash in the container");
-    assert_eq!(r["process"]["container_id"], id.as_str(), "the runtime's own id");
+    assert_eq!(
+        r["process"]["container_id"],
+        id.as_str(),
+        "the runtime's own id"
+    );
     assert_eq!(r["process"]["ns_pid"], 1, "pid 1 in its own PID namespace");
     // The binary exists only in the container's mount namespace.
     assert_eq!(common::current_thread(&r)["frames"][0]["function"], "main");
@@ -547,11 +665,24 @@ fn the_agent_runs_in_a_container_with_host_pids_and_capabilities_only() {
     let image = support::podman_image(work.path(), std::path::Path::new(common::rfh_trace()), &tag);
     let port = support::free_port();
     let mut ctr = support::podman(work.path())
-        .args(["run", "--rm", "--name", &tag, "--pid=host", "--network=host", "--read-only"])
+        .args([
+            "run",
+            "--rm",
+            "--name",
+            &tag,
+            "--pid=host",
+            "--network=host",
+            "--read-only",
+        ])
         .args(["--tmpfs", "/run/rfh-trace", "--cap-drop=all"])
         .arg("--cap-add=BPF,PERFMON,SYS_PTRACE,CHECKPOINT_RESTORE,DAC_READ_SEARCH")
         // podman's default seccomp profile allows bpf() with CAP_SYS_ADMIN only.
-        .args(["--security-opt", "seccomp=unconfined", "-e", "NODE_NAME=node-ctr"])
+        .args([
+            "--security-opt",
+            "seccomp=unconfined",
+            "-e",
+            "NODE_NAME=node-ctr",
+        ])
         .args([&image, "/rfh-trace", "agent", "--stdout"])
         .arg(format!("--metrics-addr=127.0.0.1:{port}"))
         .stdout(Stdio::piped())
@@ -562,7 +693,8 @@ fn the_agent_runs_in_a_container_with_host_pids_and_capabilities_only() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut ready = false;
     while !ready && Instant::now() < deadline && matches!(ctr.try_wait(), Ok(None)) {
-        ready = std::net::TcpStream::connect(addr).is_ok() && support::http_get(addr, "/readyz").0 == 200;
+        ready = std::net::TcpStream::connect(addr).is_ok()
+            && support::http_get(addr, "/readyz").0 == 200;
         std::thread::sleep(Duration::from_millis(200));
     }
     if ready {
@@ -570,17 +702,37 @@ fn the_agent_runs_in_a_container_with_host_pids_and_capabilities_only() {
         let _ = child.wait_with_output();
         std::thread::sleep(Duration::from_secs(2));
     }
-    let _ = support::podman(work.path()).args(["stop", "-t", "5", &tag]).output();
+    let _ = support::podman(work.path())
+        .args(["stop", "-t", "5", &tag])
+        .output();
     let out = ctr.wait_with_output().unwrap();
-    let _ = support::podman(work.path()).args(["rmi", "-f", &image]).output();
+    let _ = support::podman(work.path())
+        .args(["rmi", "-f", &image])
+        .output();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(ready, "the containerized agent never got ready: {}", String::from_utf8_lossy(&out.stderr));
-    let reports: Vec<Value> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(
+        ready,
+        "the containerized agent never got ready: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
     let r = reports
         .iter()
-        .find(|v| v["kind"] == "crash" && v["process"]["exe"].as_str().is_some_and(|e| e.ends_with("/immediate")))
+        .find(|v| {
+            v["kind"] == "crash"
+                && v["process"]["exe"]
+                    .as_str()
+                    .is_some_and(|e| e.ends_with("/immediate"))
+        })
         .unwrap_or_else(|| panic!("no report from the container: {stdout}"));
     assert_eq!(r["node"], "node-ctr");
     assert_eq!(common::current_thread(r)["frames"][0]["function"], "main");
-    assert_eq!(reports.last().unwrap()["kind"], "loss", "stopped cleanly, final record written");
+    assert_eq!(
+        reports.last().unwrap()["kind"],
+        "loss",
+        "stopped cleanly, final record written"
+    );
 }

@@ -22,7 +22,10 @@ use support::{Agent, Cgroup};
 const NET: &str = "10.231.77";
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (iproute2)");
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
     assert!(
         out.status.success(),
         "ip {}: {}",
@@ -57,7 +60,15 @@ impl Network {
             ip(&["link", "set", &host, "master", &bridge]);
             ip(&["link", "set", &host, "up"]);
             ip(&["link", "set", &peer, "netns", &ns]);
-            ip(&["-n", &ns, "addr", "add", &format!("{NET}.{}/24", 10 + i), "dev", &peer]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{NET}.{}/24", 10 + i),
+                "dev",
+                &peer,
+            ]);
             ip(&["-n", &ns, "link", "set", &peer, "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
         }
@@ -71,7 +82,9 @@ impl Drop for Network {
             // Deleting a namespace deletes its veth end, and so the pair.
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
     }
 }
 
@@ -121,7 +134,10 @@ fn three_nodes_one_collector_a_storm_on_one_node() {
         .args(["start", "--exporter", "blackhole", "--debug-log", "logs"])
         .args(["--debug-log-verbosity", "detailed"])
         .args(["--otlp-http-endpoint", &format!("{NET}.1:{port}")])
-        .args(["--otlp-grpc-endpoint", &format!("{NET}.1:{}", support::free_port())])
+        .args([
+            "--otlp-grpc-endpoint",
+            &format!("{NET}.1:{}", support::free_port()),
+        ])
         .arg("--pid-file")
         .arg(work.path().join("rotel.pid"))
         .arg("--log-file")
@@ -164,8 +180,15 @@ fn three_nodes_one_collector_a_storm_on_one_node() {
     }
     // One crash of the bug on nodes 0 and 2; a storm of it on node 1.
     let run = |cg: &Cgroup, n: &str, secs: &str| {
-        let out = cg.command(&storm.exe, &[n, secs]).stderr(Stdio::null()).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap()
+        let out = cg
+            .command(&storm.exe, &[n, secs])
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap()
     };
     assert_eq!(run(&nodes[0].1, "1", "0.1"), 1);
     let t = Instant::now();
@@ -196,10 +219,15 @@ fn three_nodes_one_collector_a_storm_on_one_node() {
         assert_eq!(quiet.carried, 0);
         assert!(quiet.lost.values().all(|&n| n == 0), "{:?}", quiet.lost);
     }
-    let whole: u64 = ["ring_full", "queue_full", "dying_map_full", "watch_map_full"]
-        .iter()
-        .map(|k| stormy.lost.get(*k).copied().unwrap_or(0))
-        .sum();
+    let whole: u64 = [
+        "ring_full",
+        "queue_full",
+        "dying_map_full",
+        "watch_map_full",
+    ]
+    .iter()
+    .map(|k| stormy.lost.get(*k).copied().unwrap_or(0))
+    .sum();
     let counted = stormy.reports
         + stormy.carried
         + stormy.lost.get("suppressed").copied().unwrap_or(0)
@@ -215,10 +243,11 @@ fn three_nodes_one_collector_a_storm_on_one_node() {
     // At the collector: each node's crash records under its own resource.
     let mut at_collector = BTreeMap::<String, u64>::new();
     for block in seen.split("ResourceLog #").skip(1) {
-        let Some(node) = block
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("-> k8s.node.name: Str(")?.strip_suffix(')'))
-        else {
+        let Some(node) = block.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix("-> k8s.node.name: Str(")?
+                .strip_suffix(')')
+        }) else {
             continue;
         };
         *at_collector.entry(node.to_string()).or_default() +=

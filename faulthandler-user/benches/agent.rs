@@ -83,8 +83,8 @@ impl Agent {
     }
 
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         let f: Vec<&str> = stat
             .rsplit_once(')')
             .map_or(vec![], |(_, r)| r.split_whitespace().collect());
@@ -94,8 +94,8 @@ impl Agent {
     }
 
     fn rss_mib(&self) -> f64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/statm", self.child.id()))
-            .unwrap_or_default();
+        let s =
+            std::fs::read_to_string(format!("/proc/{}/statm", self.child.id())).unwrap_or_default();
         let pages: f64 = s
             .split_whitespace()
             .nth(1)
@@ -162,7 +162,13 @@ fn overhead(dir: &Path) {
             Box::new({
                 let proj = proj.clone();
                 move || {
-                    timed(Command::new("make").arg("-s").arg("-C").arg(&proj).arg("clean"));
+                    timed(
+                        Command::new("make")
+                            .arg("-s")
+                            .arg("-C")
+                            .arg(&proj)
+                            .arg("clean"),
+                    );
                     timed(Command::new("make").args(["-s", "-j2", "-C"]).arg(&proj))
                 }
             }),

@@ -307,9 +307,9 @@ impl Watcher {
         let first = current.as_deref().or(others.first().map(|b| &**b));
         let ns_pid = first.map_or(0, |f| f.event.ns_pid);
         // Gone before /proc could be read: its cgroup still has an id.
-        let cgroup = info.and_then(|i| i.cgroup.clone()).or_else(|| {
-            first.and_then(|f| crate::procs::cgroup_path_by_id(f.event.cgroup_id))
-        });
+        let cgroup = info
+            .and_then(|i| i.cgroup.clone())
+            .or_else(|| first.and_then(|f| crate::procs::cgroup_path_by_id(f.event.cgroup_id)));
         let process = Process {
             pid,
             ns_pid: (ns_pid != 0 && ns_pid != pid)

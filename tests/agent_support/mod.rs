@@ -47,24 +47,38 @@ impl Agent {
     /// `rfh-trace agent` with `args` (metrics port and socket added),
     /// through `wrap` (e.g. setpriv) when given; waits for READY=1.
     pub fn start(wrap: &[&str], args: &[&str], env: &[(&str, &str)]) -> Agent {
-        let dir = tempfile::Builder::new().prefix("rfh-agent-").tempdir().unwrap();
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("rfh-agent-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let port = free_port();
         let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let socket = dir.path().join("run/agent.sock");
         // The agent's own directory for its socket; a capability-only
         // agent runs as nobody (65534) and must own it.
         std::fs::create_dir(dir.path().join("run")).unwrap();
-        std::fs::set_permissions(dir.path().join("run"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("run"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
         if !wrap.is_empty() {
             std::os::unix::fs::chown(dir.path().join("run"), Some(65534), Some(65534)).unwrap();
         }
         let notify = dir.path().join("notify");
         let listener = UnixDatagram::bind(&notify).unwrap();
-        listener.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        listener
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         // A capability-only agent runs as another user: it must reach the
         // notify socket and create its own socket directory.
-        std::fs::set_permissions(&notify, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&notify, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
         let mut cmd = match wrap.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -211,14 +225,22 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
     (status, body)
 }
 
 /// The value of one sample line (`name{labels} value`) of an exposition.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// A cgroup v2 directory of our own, removed (with its children) on drop.
@@ -294,8 +316,8 @@ pub fn prog_ids_of(pid: u32) -> Vec<u64> {
         return ids;
     };
     for fd in fds.flatten() {
-        let is_prog = std::fs::read_link(fd.path())
-            .is_ok_and(|t| t.to_string_lossy().contains("bpf-prog"));
+        let is_prog =
+            std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().contains("bpf-prog"));
         if !is_prog {
             continue;
         }
@@ -324,13 +346,25 @@ pub fn prog_exists(id: u64) -> bool {
 /// utime + stime of `pid` in seconds, and its RSS in bytes.
 pub fn cpu_and_rss(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, r)| r.split_whitespace().collect());
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, r)| r.split_whitespace().collect());
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     (ticks / hz, pages * 4096)
 }
 
@@ -341,12 +375,16 @@ pub fn py_tool(name: &str) -> PathBuf {
     if venv.exists() {
         return venv;
     }
-    if let Some(p) = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.exists()))
-    {
+    if let Some(p) = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.exists())
+    }) {
         return p;
     }
-    panic!("{name} is missing: run `cargo xtask setup --with-test-tools` (it installs {name} from PyPI)");
+    panic!(
+        "{name} is missing: run `cargo xtask setup --with-test-tools` (it installs {name} from PyPI)"
+    );
 }
 
 /// The rotel collector binary the `rotel` PyPI package ships.
@@ -413,6 +451,10 @@ pub fn podman_image(work: &Path, exe: &Path, name: &str) -> String {
         .arg(&image)
         .output()
         .expect("podman (cargo xtask setup --with-test-tools)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     image
 }

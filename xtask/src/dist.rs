@@ -65,12 +65,20 @@ pub fn deb(bin: &Path) -> Result<PathBuf> {
     )?;
     let doc = stage.join("usr/share/doc/rfh-trace");
     for example in ["agent.toml", "prometheus.yml", "otel-collector.yaml"] {
-        copy(&deploy.join("examples").join(example), &doc.join("examples").join(example), 0o644)?;
+        copy(
+            &deploy.join("examples").join(example),
+            &doc.join("examples").join(example),
+            0o644,
+        )?;
     }
     copy(&root.join("README.md"), &doc.join("README.md"), 0o644)?;
     let debian = stage.join("DEBIAN");
     for script in ["postinst", "prerm", "postrm"] {
-        copy(&deploy.join("debian").join(script), &debian.join(script), 0o755)?;
+        copy(
+            &deploy.join("debian").join(script),
+            &debian.join(script),
+            0o755,
+        )?;
     }
     fs::write(debian.join("conffiles"), "/etc/rfh-trace/agent.toml\n")?;
     let size_kib = dir_size(&stage)? / 1024;
@@ -97,7 +105,10 @@ pub fn deb(bin: &Path) -> Result<PathBuf> {
     }
     let deb = dist.join(format!("rfh-trace_{version}_amd64.deb"));
     let mut build = cmd("dpkg-deb");
-    build.args(["--root-owner-group", "-Zxz", "--build"]).arg(&stage).arg(&deb);
+    build
+        .args(["--root-owner-group", "-Zxz", "--build"])
+        .arg(&stage)
+        .arg(&deb);
     eprintln!("xtask: {}", display(&build));
     run(&mut build)?;
     Ok(deb)
@@ -108,7 +119,11 @@ fn dir_size(dir: &Path) -> Result<u64> {
     for e in fs::read_dir(dir)? {
         let e = e?;
         let m = e.metadata()?;
-        total += if m.is_dir() { dir_size(&e.path())? } else { m.len() };
+        total += if m.is_dir() {
+            dir_size(&e.path())?
+        } else {
+            m.len()
+        };
     }
     Ok(total)
 }
@@ -140,7 +155,11 @@ pub fn image(bin: &Path) -> Result<(PathBuf, Option<String>)> {
     }
     let tar = dist.join(format!("rfh-trace-image_{version}.tar"));
     let mut pack = cmd("tar");
-    pack.args(["--owner=0", "--group=0", "-C"]).arg(&stage).arg("-cf").arg(&tar).arg(".");
+    pack.args(["--owner=0", "--group=0", "-C"])
+        .arg(&stage)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".");
     run(&mut pack)?;
     if find_program("podman").is_none() {
         eprintln!("xtask: podman is missing: {} not imported", tar.display());

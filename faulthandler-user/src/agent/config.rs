@@ -327,10 +327,7 @@ mod tests {
         ]);
         let c = Config::resolve(&AgentArgs::default(), &env, Some(file)).unwrap();
         assert_eq!(c.node.as_deref(), Some("from-env"));
-        assert_eq!(
-            c.otlp_endpoint.as_deref(),
-            Some("http://env:4318/v1/logs")
-        );
+        assert_eq!(c.otlp_endpoint.as_deref(), Some("http://env:4318/v1/logs"));
         assert_eq!(c.metrics_addr.port(), 2);
         assert_eq!(c.file, Some(PathBuf::from("/var/log/file.jsonl")));
         assert_eq!(c.storm_window, Duration::from_secs(10));
@@ -359,8 +356,18 @@ mod tests {
                 .to_string()
         };
         assert!(e(&AgentArgs::default(), &[], Some("nod = 1")).contains("unknown field"));
-        assert!(e(&AgentArgs::default(), &[("RFH_TRACE_FILE_KEEP", "x")], None).contains("RFH_TRACE_FILE_KEEP"));
-        assert!(e(&AgentArgs::default(), &[("RFH_TRACE_STDOUT", "maybe")], None).contains("RFH_TRACE_STDOUT"));
+        assert!(
+            e(&AgentArgs::default(), &[("RFH_TRACE_FILE_KEEP", "x")], None)
+                .contains("RFH_TRACE_FILE_KEEP")
+        );
+        assert!(
+            e(
+                &AgentArgs::default(),
+                &[("RFH_TRACE_STDOUT", "maybe")],
+                None
+            )
+            .contains("RFH_TRACE_STDOUT")
+        );
         let args = AgentArgs {
             otlp_endpoint: Some("collector:4318".into()),
             ..AgentArgs::default()
@@ -371,6 +378,9 @@ mod tests {
             ..AgentArgs::default()
         };
         assert!(e(&args, &[], None).contains("rate-limit"));
-        assert!(e(&AgentArgs::default(), &[], Some("storm_window = \"5x\"")).contains("invalid duration"));
+        assert!(
+            e(&AgentArgs::default(), &[], Some("storm_window = \"5x\""))
+                .contains("invalid duration")
+        );
     }
 }

@@ -20,8 +20,10 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -36,7 +38,9 @@ fn respond(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
     match path {
         "/metrics" => text(StatusCode::OK, metrics.encode(), OPENMETRICS),
         "/healthz" => {
-            let beat = metrics.heartbeat_ms.load(std::sync::atomic::Ordering::Relaxed);
+            let beat = metrics
+                .heartbeat_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
             let age = now_ms().saturating_sub(beat);
             if beat == 0 || age < STUCK.as_millis() as u64 {
                 text(StatusCode::OK, "ok\n".into(), plain)
@@ -55,7 +59,11 @@ fn respond(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into(), plain)
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n".into(), plain),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz or /readyz\n".into(),
+            plain,
+        ),
     }
 }
 
@@ -88,12 +96,19 @@ mod tests {
     #[test]
     fn health_and_readiness() {
         let m = Metrics::new();
-        assert_eq!(respond(&m, "/readyz").status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            respond(&m, "/readyz").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         m.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(respond(&m, "/readyz").status(), StatusCode::OK);
         assert_eq!(respond(&m, "/healthz").status(), StatusCode::OK);
-        m.heartbeat_ms.store(now_ms() - 60_000, std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(respond(&m, "/healthz").status(), StatusCode::SERVICE_UNAVAILABLE);
+        m.heartbeat_ms
+            .store(now_ms() - 60_000, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            respond(&m, "/healthz").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         let r = respond(&m, "/metrics");
         assert_eq!(r.headers()[CONTENT_TYPE], OPENMETRICS);
         assert_eq!(respond(&m, "/").status(), StatusCode::NOT_FOUND);

@@ -108,7 +108,10 @@ impl Hub {
                 }
             }
         }
-        let signal = r.signal.as_ref().map_or_else(String::new, |s| s.name.clone());
+        let signal = r
+            .signal
+            .as_ref()
+            .map_or_else(String::new, |s| s.name.clone());
         let kind = serde_json::to_value(r.kind)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
@@ -246,10 +249,17 @@ mod tests {
             queue_full: "test_queue_full",
             write_failed: "test_write_failed",
         };
-        let out = Output::start("test", reasons, Arc::clone(&metrics), move || Ok(Keep(k))).unwrap();
+        let out =
+            Output::start("test", reasons, Arc::clone(&metrics), move || Ok(Keep(k))).unwrap();
         let storm = Storm::new(per_signature, Duration::from_secs(3600), 1000.0, 1000);
         let dir = std::env::temp_dir().join("rfh-no-such-pods-dir");
-        let h = Hub::new("node-x".into(), Pods::new(&dir), storm, vec![out], Arc::clone(&metrics));
+        let h = Hub::new(
+            "node-x".into(),
+            Pods::new(&dir),
+            storm,
+            vec![out],
+            Arc::clone(&metrics),
+        );
         (h, kept, metrics)
     }
 
@@ -276,7 +286,10 @@ mod tests {
         for r in &reports {
             assert_eq!(r["node"], "node-x");
             assert_eq!(r["process"]["container_id"], id);
-            assert_eq!(r["process"]["k8s"]["pod_uid"], "0d7a9e3c-51b2-4c8e-9f6a-2b1d3e4f5a6b");
+            assert_eq!(
+                r["process"]["k8s"]["pod_uid"],
+                "0d7a9e3c-51b2-4c8e-9f6a-2b1d3e4f5a6b"
+            );
             assert!(r["signature"].as_str().unwrap().starts_with("v1-"));
         }
         let losses: Vec<_> = kept.iter().filter(|v| v["kind"] == "loss").collect();
@@ -287,8 +300,14 @@ mod tests {
         assert_eq!(losses[1]["lost"]["suppressed"], 3);
         assert_eq!(losses[1]["lost_events"], 3);
         let text = metrics.encode();
-        assert!(text.contains("rfh_trace_crashes_suppressed_total 3"), "{text}");
-        assert!(text.contains("rfh_trace_dropped_total{reason=\"ring_full\"} 2"), "{text}");
+        assert!(
+            text.contains("rfh_trace_crashes_suppressed_total 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rfh_trace_dropped_total{reason=\"ring_full\"} 2"),
+            "{text}"
+        );
     }
 
     #[test]

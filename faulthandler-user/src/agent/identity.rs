@@ -30,13 +30,19 @@ fn is_hex_id(s: &str) -> bool {
 fn pod_uid_of(part: &str) -> Option<String> {
     let part = part.strip_suffix(".slice").unwrap_or(part);
     // systemd: kubepods-burstable-pod<uid>.slice, kubepods-pod<uid>.slice
-    let tail = part.rsplit_once("-pod").map(|(_, t)| t).or_else(|| part.strip_prefix("pod"))?;
+    let tail = part
+        .rsplit_once("-pod")
+        .map(|(_, t)| t)
+        .or_else(|| part.strip_prefix("pod"))?;
     let uid = tail.replace('_', "-");
     let ok = uid.len() == 36
-        && uid
-            .bytes()
-            .enumerate()
-            .all(|(i, b)| if [8, 13, 18, 23].contains(&i) { b == b'-' } else { b.is_ascii_hexdigit() });
+        && uid.bytes().enumerate().all(|(i, b)| {
+            if [8, 13, 18, 23].contains(&i) {
+                b == b'-'
+            } else {
+                b.is_ascii_hexdigit()
+            }
+        });
     ok.then_some(uid)
 }
 
@@ -52,9 +58,15 @@ fn container_of(part: &str) -> Option<String> {
     if name.starts_with("crio-conmon-") || name.starts_with("libpod-conmon-") {
         return None;
     }
-    let id = ["docker-", "cri-containerd-", "crio-", "libpod-", "containerd-"]
-        .iter()
-        .find_map(|pre| name.strip_prefix(pre));
+    let id = [
+        "docker-",
+        "cri-containerd-",
+        "crio-",
+        "libpod-",
+        "containerd-",
+    ]
+    .iter()
+    .find_map(|pre| name.strip_prefix(pre));
     match id {
         // A scope names its unit: a short id is still an id.
         Some(id) if scope && is_hex_id(id) => Some(id.to_string()),
@@ -101,9 +113,10 @@ impl Pods {
     /// `pods_dir` is /var/log/pods (or a test's tree); the container
     /// symlinks are looked for in its sibling `containers`.
     pub fn new(pods_dir: &Path) -> Self {
-        let containers_dir = pods_dir
-            .parent()
-            .map_or_else(|| PathBuf::from("/var/log/containers"), |p| p.join("containers"));
+        let containers_dir = pods_dir.parent().map_or_else(
+            || PathBuf::from("/var/log/containers"),
+            |p| p.join("containers"),
+        );
         Self {
             pods_dir: pods_dir.to_path_buf(),
             containers_dir,
@@ -121,7 +134,8 @@ impl Pods {
             .is_some_and(|(t, _)| now.duration_since(*t) < CACHE_TTL);
         if !fresh {
             if self.cache.len() >= CACHE_MAX {
-                self.cache.retain(|_, (t, _)| now.duration_since(*t) < CACHE_TTL);
+                self.cache
+                    .retain(|_, (t, _)| now.duration_since(*t) < CACHE_TTL);
                 if self.cache.len() >= CACHE_MAX {
                     self.cache.clear();
                 }
@@ -251,8 +265,17 @@ mod tests {
     #[test]
     fn docker_and_podman_layouts() {
         let p = format!("/system.slice/docker-{ID}.scope");
-        assert_eq!(id(&p), CgroupIdentity { container_id: Some(ID.into()), pod_uid: None });
-        assert_eq!(id(&format!("/docker/{ID}")).container_id.as_deref(), Some(ID));
+        assert_eq!(
+            id(&p),
+            CgroupIdentity {
+                container_id: Some(ID.into()),
+                pod_uid: None
+            }
+        );
+        assert_eq!(
+            id(&format!("/docker/{ID}")).container_id.as_deref(),
+            Some(ID)
+        );
         // Rootless podman nests the payload in `container`.
         let p = format!(
             "/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope/container"
@@ -265,9 +288,15 @@ mod tests {
         // podman with the cgroupfs manager.
         let p = format!("/libpod_parent/libpod-{ID}");
         assert_eq!(id(&p).container_id.as_deref(), Some(ID));
-        assert_eq!(id("/libpod_parent/libpod-conmon-abc"), CgroupIdentity::default());
+        assert_eq!(
+            id("/libpod_parent/libpod-conmon-abc"),
+            CgroupIdentity::default()
+        );
         // containerd without Kubernetes (`ctr run`, cgroupfs).
-        assert_eq!(id(&format!("/default/{ID}")).container_id.as_deref(), Some(ID));
+        assert_eq!(
+            id(&format!("/default/{ID}")).container_id.as_deref(),
+            Some(ID)
+        );
     }
 
     #[test]
@@ -293,7 +322,8 @@ mod tests {
             std::fs::create_dir_all(pod_dir.join(c)).unwrap();
             std::fs::write(pod_dir.join(c).join("0.log"), "").unwrap();
         }
-        std::fs::create_dir_all(pods.join("other_pod_1b4e28ba-2fa1-11d2-883f-0016d3cca427/x")).unwrap();
+        std::fs::create_dir_all(pods.join("other_pod_1b4e28ba-2fa1-11d2-883f-0016d3cca427/x"))
+            .unwrap();
         let containers = root.path().join("containers");
         std::fs::create_dir_all(&containers).unwrap();
         std::os::unix::fs::symlink(
@@ -311,10 +341,18 @@ mod tests {
         // Two containers and an unknown id: the container stays unnamed.
         let k = p.k8s(UID, Some("ffff"), now).unwrap();
         assert_eq!(k.container, None);
-        assert_eq!(p.k8s("00000000-0000-0000-0000-000000000000", None, now), None);
+        assert_eq!(
+            p.k8s("00000000-0000-0000-0000-000000000000", None, now),
+            None
+        );
         // One container: it is the one.
-        let k = p.k8s("1b4e28ba-2fa1-11d2-883f-0016d3cca427", None, now).unwrap();
-        assert_eq!((k.namespace.as_deref(), k.container.as_deref()), (Some("other"), Some("x")));
+        let k = p
+            .k8s("1b4e28ba-2fa1-11d2-883f-0016d3cca427", None, now)
+            .unwrap();
+        assert_eq!(
+            (k.namespace.as_deref(), k.container.as_deref()),
+            (Some("other"), Some("x"))
+        );
     }
 
     #[test]

@@ -332,7 +332,12 @@ fn start(cfg: &Config) -> Result<i32, AgentError> {
         Arc::clone(&metrics),
     ))));
     crate::run::raise_nofile();
-    let mut watcher = load(cfg, mask, cgroup.as_ref().map(|c| (c.0, c.1)), HubSink(Arc::clone(&hub)))?;
+    let mut watcher = load(
+        cfg,
+        mask,
+        cgroup.as_ref().map(|c| (c.0, c.1)),
+        HubSink(Arc::clone(&hub)),
+    )?;
     metrics.watch_worker_queue(Arc::clone(&watcher.workers.stats));
     adopt_running(&mut watcher, cgroup.as_ref().map(|c| c.2.as_str()))?;
     let (ctl, requests) = Control::new()?;
@@ -344,7 +349,9 @@ fn start(cfg: &Config) -> Result<i32, AgentError> {
     }
     .spawn()
     .map_err(AgentError::Runtime)?;
-    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     ready::notify(cfg.ready_fd);
 
     let rt = tokio::runtime::Builder::new_current_thread()

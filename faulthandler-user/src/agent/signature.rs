@@ -35,7 +35,11 @@ pub fn canonical(report: &Report) -> Option<String> {
     let faulting = natives
         .clone()
         .find(|f| f.module.is_some())
-        .map(|f| f.build_id.clone().or_else(|| f.module.as_deref().map(basename)))
+        .map(|f| {
+            f.build_id
+                .clone()
+                .or_else(|| f.module.as_deref().map(basename))
+        })
         .unwrap_or_default();
     parts.push(faulting.unwrap_or_else(|| "?".into()));
     for f in thread.frames.iter().take(TOP_FRAMES) {
@@ -133,7 +137,10 @@ pub(crate) mod tests {
         assert_eq!(signature(&a), signature(&b));
         assert!(signature(&a).unwrap().starts_with("v1-"));
         let text = canonical(&a).unwrap();
-        assert_eq!(text, "SIGSEGV/SEGV_MAPERR|ab12cd|crasher!crash_here|crasher!main");
+        assert_eq!(
+            text,
+            "SIGSEGV/SEGV_MAPERR|ab12cd|crasher!crash_here|crasher!main"
+        );
         assert!(!text.contains("5555"), "no absolute address: {text}");
     }
 

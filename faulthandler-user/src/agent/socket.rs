@@ -53,7 +53,10 @@ const DUMP_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn client_path() -> PathBuf {
     std::env::var_os("RFH_TRACE_SOCKET")
         .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from(super::config::DEFAULT_SOCKET), PathBuf::from)
+        .map_or_else(
+            || PathBuf::from(super::config::DEFAULT_SOCKET),
+            PathBuf::from,
+        )
 }
 
 /// Binds the socket: its directory made 0700 if absent, a stale socket

@@ -148,7 +148,10 @@ mod tests {
         let t = Instant::now();
         let mut s = Storm::new(100, Duration::from_secs(60), 2.0, 3);
         let verdicts: Vec<Verdict> = (0..5).map(|i| s.admit(&format!("s{i}"), t).0).collect();
-        let reported = verdicts.iter().filter(|v| matches!(v, Verdict::Report { .. })).count();
+        let reported = verdicts
+            .iter()
+            .filter(|v| matches!(v, Verdict::Report { .. }))
+            .count();
         assert_eq!(reported, 3);
         assert_eq!(verdicts[4], Verdict::RateLimited);
         // Half a second refills one token at 2/s.
@@ -177,6 +180,9 @@ mod tests {
         }
         carried += s.take_expired(t + Duration::from_secs(100), true);
         assert_eq!(reported + suppressed + limited, 1000);
-        assert_eq!(carried, suppressed, "every suppressed crash is carried once");
+        assert_eq!(
+            carried, suppressed,
+            "every suppressed crash is carried once"
+        );
     }
 }

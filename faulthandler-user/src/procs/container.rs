@@ -123,7 +123,11 @@ mod by_id_tests {
     fn own_cgroup_resolves_from_its_id() {
         use std::os::unix::fs::MetadataExt;
         let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        let own = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_string();
+        let own = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap()
+            .to_string();
         let root = super::cgroup2_root().expect("cgroup2 mounted");
         let dir = root.join(own.trim_start_matches('/'));
         let id = std::fs::metadata(&dir).unwrap().ino();

@@ -66,7 +66,10 @@ impl RotatingFile {
             self.file = Some(output::open_for(&self.path, "--file").map_err(io::Error::other)?);
             self.size = 0;
         }
-        let f = self.file.as_mut().ok_or_else(|| io::Error::other("no file"))?;
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no file"))?;
         f.write_all(line)?;
         self.size += line.len() as u64;
         Ok(())
@@ -103,9 +106,24 @@ mod tests {
         }
         // 40-byte lines, 100-byte files: two lines each; lines 8, 9 current.
         let read = |p: &Path| std::fs::read_to_string(p).unwrap();
-        assert_eq!(read(&path).lines().map(|l| &l[..1]).collect::<String>(), "89");
-        assert_eq!(read(&numbered(&path, 1)).lines().map(|l| &l[..1]).collect::<String>(), "67");
-        assert_eq!(read(&numbered(&path, 2)).lines().map(|l| &l[..1]).collect::<String>(), "45");
+        assert_eq!(
+            read(&path).lines().map(|l| &l[..1]).collect::<String>(),
+            "89"
+        );
+        assert_eq!(
+            read(&numbered(&path, 1))
+                .lines()
+                .map(|l| &l[..1])
+                .collect::<String>(),
+            "67"
+        );
+        assert_eq!(
+            read(&numbered(&path, 2))
+                .lines()
+                .map(|l| &l[..1])
+                .collect::<String>(),
+            "45"
+        );
         assert!(!numbered(&path, 3).exists(), "only two old files kept");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;

@@ -248,14 +248,23 @@ mod tests {
             queue_full: "test_queue_full",
             write_failed: "test_write_failed",
         };
-        let mut out = Output::start("test", reasons, Arc::clone(&metrics), move || Ok(Slow(w))).unwrap();
-        let loss = Arc::new(LossRecord::new(String::new(), String::new(), Default::default()));
+        let mut out =
+            Output::start("test", reasons, Arc::clone(&metrics), move || Ok(Slow(w))).unwrap();
+        let loss = Arc::new(LossRecord::new(
+            String::new(),
+            String::new(),
+            Default::default(),
+        ));
         let t = Instant::now();
         for _ in 0..(QUEUE + 100) {
             out.send(Record::Loss(Arc::clone(&loss)), &metrics);
         }
         assert!(t.elapsed() < Duration::from_secs(1), "send blocked");
-        let dropped = metrics.take_pending().get("test_queue_full").copied().unwrap_or(0);
+        let dropped = metrics
+            .take_pending()
+            .get("test_queue_full")
+            .copied()
+            .unwrap_or(0);
         // The thread may have taken one batch off the queue meanwhile.
         assert!(dropped >= (100 - BATCH - 1) as u64, "{dropped}");
         // Closing lets the thread finish the queue; a short deadline leaves it.

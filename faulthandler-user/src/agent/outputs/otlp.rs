@@ -119,7 +119,12 @@ fn body(v: &Value) -> String {
         .pointer("/threads/0/frames/0/function")
         .and_then(Value::as_str)
         .unwrap_or("??");
-    format!("{} {sig} in {} (pid {}): {top}", kind, s(p.get("comm")), p["pid"])
+    format!(
+        "{} {sig} in {} (pid {}): {top}",
+        kind,
+        s(p.get("comm")),
+        p["pid"]
+    )
 }
 
 impl Otlp {
@@ -181,8 +186,10 @@ impl Writer for Otlp {
                 }))
                 .build();
             self.exporter.set_resource(&resource);
-            let items: Vec<(&SdkLogRecord, &opentelemetry::InstrumentationScope)> =
-                buf[i..i + n].iter().map(|(_, r)| (r, &self.scope)).collect();
+            let items: Vec<(&SdkLogRecord, &opentelemetry::InstrumentationScope)> = buf[i..i + n]
+                .iter()
+                .map(|(_, r)| (r, &self.scope))
+                .collect();
             let result = futures_executor::block_on(self.exporter.export(LogBatch::new(&items)));
             if let Err(e) = result {
                 crate::diag!("OTLP export of {n} records failed: {e}");

@@ -109,7 +109,15 @@ fn trim_frames(mut t: Value, budget: usize) -> Value {
 fn minimal(obj: &Map<String, Value>) -> String {
     let mut m = Map::new();
     for k in [
-        "schema", "kind", "time", "host", "node", "signal", "oom_kill", "lost_events", "signature",
+        "schema",
+        "kind",
+        "time",
+        "host",
+        "node",
+        "signal",
+        "oom_kill",
+        "lost_events",
+        "signature",
         "suppressed",
     ] {
         if let Some(v) = obj.get(k) {
@@ -194,8 +202,7 @@ mod tests {
             let first = &v["threads"][0];
             assert_eq!(first["current"], true, "the crashing thread stays");
             assert_eq!(
-                first["frames"][0]["function"],
-                "example::deeply::nested::function_0<T>",
+                first["frames"][0]["function"], "example::deeply::nested::function_0<T>",
                 "innermost frames stay"
             );
             let kept = v["threads"].as_array().unwrap().len() as u64;
