@@ -105,10 +105,10 @@ fn tally(records: &[Value], node: &str) -> Tally {
             Some("crash") => {
                 t.reports += 1;
                 t.carried += r["suppressed"].as_u64().unwrap_or(0);
-                if let Some(s) = r["signature"].as_str() {
-                    if !t.signatures.iter().any(|x| x == s) {
-                        t.signatures.push(s.to_string());
-                    }
+                if let Some(s) = r["signature"].as_str()
+                    && !t.signatures.iter().any(|x| x == s)
+                {
+                    t.signatures.push(s.to_string());
                 }
             }
             Some("loss") => {

@@ -458,3 +458,20 @@ pub fn podman_image(work: &Path, exe: &Path, name: &str) -> String {
     );
     image
 }
+
+/// A pod UID of the tests' fake pods.
+pub const POD_UID: &str = "0d7a9e3c-51b2-4c8e-9f6a-2b1d3e4f5a6b";
+
+/// A containerd-style id unique to this test run.
+pub fn container_id(tag: u32) -> String {
+    format!("{:08x}{:056x}", std::process::id(), tag)
+}
+
+/// The cgroup containerd gives a burstable pod's container (systemd driver).
+pub fn pod_cgroup(tag: &str, id: &str) -> Cgroup {
+    let uid = POD_UID.replace('-', "_");
+    Cgroup::new(&format!(
+        "rfhtest-{tag}-{}.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/cri-containerd-{id}.scope",
+        std::process::id()
+    ))
+}

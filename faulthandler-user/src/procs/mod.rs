@@ -225,6 +225,11 @@ impl Tracker {
             }
             None => self.mark_stale(child),
         }
+        // A child that crashes before anything of it is read still ran
+        // its parent's program.
+        if let Some(path) = self.exec_paths.get(&parent).cloned() {
+            self.exec_paths.entry(child).or_insert(path);
+        }
     }
 
     /// `pid`'s mappings changed (an executable mmap). The re-read waits
