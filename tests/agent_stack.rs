@@ -201,7 +201,10 @@ fn a_podman_container_is_identified_by_its_runtime_id() {
 #[test]
 fn the_agent_runs_in_a_container_with_host_pids_and_capabilities_only() {
     common::require_root();
-    let immediate = common::build("immediate.c", &["-g", "-O0"]);
+    // Lives 100 ms: long enough for the agent to read it while alive (a
+    // process that dies at once is found by path, in the agent's own mount
+    // namespace or the host's via /proc/1/root where pid 1 allows it).
+    let late = common::build("late.c", &["-g", "-O0"]);
     let work = tempfile::tempdir().unwrap();
     let tag = format!("rfh-agent-test-{}", std::process::id());
     let image = support::podman_image(work.path(), std::path::Path::new(common::rfh_trace()), &tag);
@@ -240,7 +243,7 @@ fn the_agent_runs_in_a_container_with_host_pids_and_capabilities_only() {
         std::thread::sleep(Duration::from_millis(200));
     }
     if ready {
-        let child = Command::new(&immediate.exe).spawn().unwrap();
+        let child = Command::new(&late.exe).spawn().unwrap();
         let _ = child.wait_with_output();
         std::thread::sleep(Duration::from_secs(2));
     }
@@ -267,11 +270,14 @@ fn the_agent_runs_in_a_container_with_host_pids_and_capabilities_only() {
             v["kind"] == "crash"
                 && v["process"]["exe"]
                     .as_str()
-                    .is_some_and(|e| e.ends_with("/immediate"))
+                    .is_some_and(|e| e.ends_with("/late"))
         })
         .unwrap_or_else(|| panic!("no report from the container: {stdout}"));
     assert_eq!(r["node"], "node-ctr");
-    assert_eq!(common::current_thread(r)["frames"][0]["function"], "main");
+    assert_eq!(
+        common::current_thread(r)["frames"][0]["function"],
+        "crash_late"
+    );
     assert_eq!(
         reports.last().unwrap()["kind"],
         "loss",
