@@ -130,22 +130,24 @@ fn three_nodes_one_collector_a_storm_on_one_node() {
     let net = Network::new(3);
     let work = tempfile::tempdir().unwrap();
     let port = support::free_port();
-    let mut collector = Command::new(&rotel)
-        .args(["start", "--exporter", "blackhole", "--debug-log", "logs"])
-        .args(["--debug-log-verbosity", "detailed"])
-        .args(["--otlp-http-endpoint", &format!("{NET}.1:{port}")])
-        .args([
-            "--otlp-grpc-endpoint",
-            &format!("{NET}.1:{}", support::free_port()),
-        ])
-        .arg("--pid-file")
-        .arg(work.path().join("rotel.pid"))
-        .arg("--log-file")
-        .arg(work.path().join("rotel.log"))
-        .stdout(std::fs::File::create(work.path().join("rotel.out")).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let collector = support::KillOnDrop(
+        Command::new(&rotel)
+            .args(["start", "--exporter", "blackhole", "--debug-log", "logs"])
+            .args(["--debug-log-verbosity", "detailed"])
+            .args(["--otlp-http-endpoint", &format!("{NET}.1:{port}")])
+            .args([
+                "--otlp-grpc-endpoint",
+                &format!("{NET}.1:{}", support::free_port()),
+            ])
+            .arg("--pid-file")
+            .arg(work.path().join("rotel.pid"))
+            .arg("--log-file")
+            .arg(work.path().join("rotel.log"))
+            .stdout(std::fs::File::create(work.path().join("rotel.out")).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     std::thread::sleep(Duration::from_millis(500));
     let endpoint = format!("http://{NET}.1:{port}/v1/logs");
     let tag = std::process::id();
@@ -206,8 +208,7 @@ fn three_nodes_one_collector_a_storm_on_one_node() {
     // The collector has the final records too.
     std::thread::sleep(Duration::from_millis(500));
     let seen = std::fs::read_to_string(work.path().join("rotel.out")).unwrap_or_default();
-    let _ = collector.kill();
-    let _ = collector.wait();
+    drop(collector);
     drop(net);
 
     eprintln!("cluster: storm of 300 in {storm_time:?}; {tallies:#?}");

@@ -22,19 +22,21 @@ fn reports_reach_an_otlp_collector_with_semantic_convention_resources() {
     let immediate = common::build("immediate.c", &["-g", "-O0"]);
     let work = tempfile::tempdir().unwrap();
     let (http, grpc) = (support::free_port(), support::free_port());
-    let mut collector = Command::new(&rotel)
-        .args(["start", "--exporter", "blackhole", "--debug-log", "logs"])
-        .args(["--debug-log-verbosity", "detailed"])
-        .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http}")])
-        .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
-        .arg("--pid-file")
-        .arg(work.path().join("rotel.pid"))
-        .arg("--log-file")
-        .arg(work.path().join("rotel.log"))
-        .stdout(std::fs::File::create(work.path().join("rotel.out")).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let collector = support::KillOnDrop(
+        Command::new(&rotel)
+            .args(["start", "--exporter", "blackhole", "--debug-log", "logs"])
+            .args(["--debug-log-verbosity", "detailed"])
+            .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http}")])
+            .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
+            .arg("--pid-file")
+            .arg(work.path().join("rotel.pid"))
+            .arg("--log-file")
+            .arg(work.path().join("rotel.log"))
+            .stdout(std::fs::File::create(work.path().join("rotel.out")).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let id = container_id(3);
     let cg = pod_cgroup("otlp", &id);
     let endpoint = format!("http://127.0.0.1:{http}");
@@ -77,8 +79,7 @@ fn reports_reach_an_otlp_collector_with_semantic_convention_resources() {
         std::thread::sleep(Duration::from_millis(100));
         seen = std::fs::read_to_string(work.path().join("rotel.out")).unwrap_or_default();
     }
-    let _ = collector.kill();
-    let _ = collector.wait();
+    drop(collector);
     for w in &want {
         assert!(
             seen.contains(w.as_str()),
@@ -113,17 +114,19 @@ fn prometheus_scrapes_the_agent() {
         ),
     )
     .unwrap();
-    let mut prom = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            work.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus (Debian package; cargo xtask setup --with-test-tools)");
+    let prom = support::KillOnDrop(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                work.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package; cargo xtask setup --with-test-tools)"),
+    );
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let query = |q: &str| {
         std::net::TcpStream::connect(addr)
@@ -141,8 +144,7 @@ fn prometheus_scrapes_the_agent() {
         std::thread::sleep(Duration::from_millis(300));
     }
     let up = query("up");
-    let _ = prom.kill();
-    let _ = prom.wait();
+    drop(prom);
     let (status, ..) = agent.stop();
     assert!(status.success());
     assert!(

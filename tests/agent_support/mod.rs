@@ -475,3 +475,13 @@ pub fn pod_cgroup(tag: &str, id: &str) -> Cgroup {
         std::process::id()
     ))
 }
+
+/// A helper process (a collector, Prometheus) killed however the test ends.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
