@@ -466,3 +466,115 @@ fn deployment_manifests_validate_against_the_kubernetes_schemas() {
         assert!(ds.contains(needle), "daemonset.yaml lacks {needle}");
     }
 }
+
+/// Ten minutes (`RFH_TRACE_CHURN_SECS` to change) of short-lived processes,
+/// crash bursts and dumps under one agent: its RSS and held files stay
+/// bounded, and every crash is reported or counted.
+#[test]
+#[ignore = "long run: cargo test --release --test agent -- --ignored churn"]
+fn churn_keeps_memory_and_files_bounded_and_counts_every_crash() {
+    common::require_root();
+    let secs: u64 = std::env::var("RFH_TRACE_CHURN_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    let storm = common::build("storm.c", &["-g", "-O1"]);
+    let cg = Cgroup::new(&format!("rfhtest-churn-{}.slice/work", std::process::id()));
+    let agent = Agent::start(
+        &[],
+        &[
+            "--stdout",
+            "--cgroup",
+            cg.path.to_str().unwrap(),
+            "--storm-window",
+            "10s",
+        ],
+        &[],
+    );
+    let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let start = Instant::now();
+    let (mut crashes, mut dumps, mut samples) = (0u64, 0u64, Vec::new());
+    while start.elapsed() < Duration::from_secs(secs) {
+        // 200 short-lived processes, 20 crashes in a second, one dump.
+        let churn = cg
+            .command(
+                std::path::Path::new("/bin/sh"),
+                &[
+                    "-c",
+                    "i=0; while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done",
+                ],
+            )
+            .status()
+            .unwrap();
+        assert!(churn.success());
+        let out = cg.command(&storm.exe, &["20", "1"]).output().unwrap();
+        crashes += String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap();
+        let mut sleeper = cg
+            .command(std::path::Path::new("/bin/sleep"), &["5"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let dump = Command::new(common::rfh_trace())
+            .args(["dump", &sleeper.id().to_string()])
+            .env("RFH_TRACE_SOCKET", &agent.socket)
+            .output()
+            .unwrap();
+        assert!(
+            dump.status.success(),
+            "{}",
+            String::from_utf8_lossy(&dump.stderr)
+        );
+        dumps += 1;
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        let (_, rss) = cpu_and_rss(agent.pid());
+        samples.push((start.elapsed().as_secs(), rss >> 20, fds(agent.pid())));
+    }
+    let (status, took, records, stderr) = agent.stop();
+    assert!(status.success(), "{stderr}");
+    assert!(took < Duration::from_secs(5));
+    let reports = records.iter().filter(|v| v["kind"] == "crash").count() as u64;
+    let carried: u64 = records
+        .iter()
+        .filter_map(|v| v["suppressed"].as_u64())
+        .sum();
+    let mut lost = 0u64;
+    for l in records.iter().filter(|v| v["kind"] == "loss") {
+        for k in [
+            "suppressed",
+            "rate_limited",
+            "ring_full",
+            "queue_full",
+            "dying_map_full",
+        ] {
+            lost += l["lost"][k].as_u64().unwrap_or(0);
+        }
+    }
+    let first: Vec<_> = samples.iter().take(5).collect();
+    let last = samples.last().unwrap();
+    eprintln!(
+        "churn {secs}s: {crashes} crashes, {dumps} dumps; {reports} reported, {carried} carried, \
+         {lost} in loss records; (s, RSS MiB, fds) first {first:?} last {last:?}"
+    );
+    assert_eq!(
+        reports + carried + lost,
+        crashes,
+        "every crash reported or counted"
+    );
+    let (rss0, fds0) = first
+        .iter()
+        .fold((0, 0), |(r, f), s| (r.max(s.1), f.max(s.2)));
+    assert!(
+        last.1 <= rss0 + 32,
+        "RSS grew from {rss0} to {} MiB",
+        last.1
+    );
+    assert!(
+        last.2 <= fds0 + 64,
+        "held files grew from {fds0} to {}",
+        last.2
+    );
+}

@@ -100,10 +100,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, AgentError> {
     Ok(l)
 }
 
-/// Root, or the agent's own user (a capability-only agent).
+/// Root only. Not the agent's own uid: a capability-only agent may run as
+/// a user that other daemons share (nobody), and a dump shows any
+/// process's stacks.
 fn allowed(uid: u32) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    uid == 0 || uid == unsafe { libc::geteuid() }
+    uid == 0
 }
 
 pub async fn serve(listener: tokio::net::UnixListener, ctl: Arc<Control>) {
