@@ -179,6 +179,10 @@ pub struct SignalEvent {
     /// `task->thread.fsbase`: the thread's TLS base, which glibc's
     /// `pthread_self()` returns (how CPython 3.8–3.10 name a thread).
     pub fsbase: u64,
+    /// Signal records: the cgroup v2 id of the receiving thread
+    /// (`bpf_get_current_cgroup_id`), 0 when unknown. A process that dies
+    /// before /proc is read still has its container known by it.
+    pub cgroup_id: u64,
     /// With `SIG_F_PRIOR`: the last signal of the same number this thread
     /// took while it had a handler installed (a handler that re-raises
     /// after returning dies of a signal whose own siginfo says only
@@ -332,6 +336,9 @@ pub struct DumpCtl {
 /// `Config::flags` bits.
 pub const CFG_ALL: u32 = 1 << 0;
 pub const CFG_FOLLOW: u32 = 1 << 1;
+/// Watch the processes of one cgroup subtree (`Config::cgroup_id`): a
+/// task found there joins the watch set (agent `--cgroup`).
+pub const CFG_CGROUP: u32 = 1 << 2;
 
 /// Kernel struct member offsets, read by userspace from
 /// /sys/kernel/btf/vmlinux, because Rust eBPF has no CO-RE relocations.
@@ -391,6 +398,12 @@ pub struct Config {
     /// process's number in that namespace, so rfh-trace inside a
     /// container sees the pids its own /proc shows.
     pub view_ns_inum: u32,
+    /// With `CFG_CGROUP`: the id of the watched cgroup (its cgroup2 inode
+    /// number) and its depth below the root, as
+    /// `bpf_get_current_ancestor_cgroup_id` counts levels.
+    pub cgroup_id: u64,
+    pub cgroup_level: u32,
+    pub _pad: u32,
     pub offsets: KernelOffsets,
 }
 
@@ -442,6 +455,7 @@ assert_size!(Handled, 24);
 assert_size!(
     SignalEvent,
     8 + 8
+        + 8
         + 24
         + 16
         + 16
@@ -464,7 +478,7 @@ assert_size!(ExitEvent, 32 + 48);
 assert_size!(DumpCtl, 24);
 assert_size!(VmaEvent, 24 + VMA_MAX * (40 + VMA_NAME_LEN));
 assert_size!(ExecEvent, 24 + EXEC_PATH_LEN);
-assert_size!(Config, 32 + 30 * 4);
+assert_size!(Config, 48 + 30 * 4);
 assert_size!(PyProc, 16 + 26 * 4);
 assert_size!(PyStackEvent, 64);
 assert_size!(PyRegion, 16);

@@ -20,8 +20,8 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
         generated::{
-            bpf_get_stack, bpf_probe_read_kernel as raw_read_kernel, bpf_probe_read_user,
-            bpf_task_pt_regs,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_stack,
+            bpf_probe_read_kernel as raw_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
         },
     },
     macros::{map, raw_tracepoint},
@@ -68,6 +68,29 @@ fn config() -> Option<&'static Config> {
 fn watched(cfg: &Config, tgid: u32) -> bool {
     // SAFETY: the value is only tested for presence, never held.
     cfg.flags & CFG_ALL != 0 || unsafe { WATCHED.get(tgid) }.is_some()
+}
+
+/// `watched` for the current task. Under `--cgroup` (`CFG_CGROUP`), a
+/// task of the watched subtree joins the watch set the first time it
+/// passes here: one hash lookup and one helper call (its ancestor's
+/// cgroup id at the subtree's level) for tasks elsewhere, nothing more.
+#[inline(always)]
+fn watched_current(cfg: &Config, tgid: u32) -> bool {
+    if watched(cfg, tgid) {
+        return true;
+    }
+    if cfg.flags & CFG_CGROUP == 0 {
+        return false;
+    }
+    // SAFETY: a plain helper call on the current task.
+    let id = unsafe { bpf_get_current_ancestor_cgroup_id(cfg.cgroup_level as i32) };
+    if id != cfg.cgroup_id {
+        return false;
+    }
+    if WATCHED.insert(tgid, 1, 0).is_err() {
+        count(CNT_WATCH_FULL);
+    }
+    true
 }
 
 /// Counts one drop of `cause` on this CPU.
@@ -257,7 +280,7 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
         }
         Some(d)
     } else {
-        if !watched(cfg, tgid) {
+        if !watched_current(cfg, tgid) {
             return None;
         }
         if handler != SIG_DFL || default_is_harmless(sig) {
@@ -328,6 +351,7 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     unsafe {
         let ev = addr_of_mut!((*rec).event);
         init_record(ev, tgid, tid, if group_exit { SIG_F_GROUP_EXIT } else { 0 });
+        (*ev).cgroup_id = bpf_get_current_cgroup_id();
         (*ev).sig = sig as i32;
         (*ev).handler = handler;
         (*ev).flags |= py_flags;
@@ -400,6 +424,7 @@ unsafe fn init_record(ev: *mut SignalEvent, tgid: u32, tid: u32, flags: u32) {
         (*ev).flags = flags;
         (*ev).seq = 0;
         (*ev).fsbase = 0;
+        (*ev).cgroup_id = 0;
         (*ev).prior = Handled::default();
         (*ev).fp_len = 0;
         (*ev).stack_len = 0;

@@ -18,6 +18,7 @@ use faulthandler_common::*;
 
 use crate::{
     DYING, EVENTS, WATCHED, begin_dying, config, count, current_ids, read_at, task_ids, watched,
+    watched_current,
 };
 
 /// Ring-buffer submit flags: a record userspace must act on now (a
@@ -77,8 +78,9 @@ fn try_fork(ctx: &RawTracePointContext) -> Option<()> {
         return None;
     }
     let (tgid, tid) = current_ids(cfg)?;
-    // SAFETY: presence test only.
-    unsafe { WATCHED.get(tgid) }?;
+    if !watched_current(cfg, tgid) {
+        return None;
+    }
     let child: *const u8 = ctx.arg(1);
     // SAFETY: probe reads of the new task.
     let (child_tgid, _) = unsafe { task_ids(cfg, child) }?;
@@ -102,7 +104,7 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
 fn try_exec(ctx: &RawTracePointContext) -> Option<()> {
     let cfg = config()?;
     let (tgid, tid) = current_ids(cfg)?;
-    if !watched(cfg, tgid) {
+    if !watched_current(cfg, tgid) {
         return None;
     }
     let mut entry = crate::reserve::<ExecEvent>(CNT_EVENT_RING_FULL)?;
@@ -277,7 +279,7 @@ fn try_ma_write(ctx: &RawTracePointContext) -> Option<()> {
     }
     let cfg = config()?;
     let (tgid, tid) = current_ids(cfg)?;
-    if !watched(cfg, tgid) {
+    if !watched_current(cfg, tgid) {
         return None;
     }
     let start = executable_file_vma(cfg, ctx.arg(1), vma)?;

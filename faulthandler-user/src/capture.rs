@@ -17,7 +17,8 @@ use aya::{
     },
 };
 use faulthandler_common::{
-    CFG_ALL, CFG_FOLLOW, COUNTERS, Config, DumpCtl, Dying, KernelOffsets, PyProc, STACK_MAX,
+    CFG_ALL, CFG_CGROUP, CFG_FOLLOW, COUNTERS, Config, DumpCtl, Dying, KernelOffsets, PyProc,
+    STACK_MAX,
 };
 use thiserror::Error;
 
@@ -68,6 +69,9 @@ pub struct CaptureOptions {
     /// Load the dump iterator and the sampler (dumps, timeouts,
     /// --on-signal); they cost start-up time, so only when needed.
     pub dumps: bool,
+    /// Watch only this cgroup subtree (id, level), filtered in the kernel
+    /// (agent `--cgroup`); None for no cgroup filter.
+    pub cgroup: Option<(u64, u32)>,
 }
 
 pub struct Capture {
@@ -146,12 +150,17 @@ impl Capture {
             sample.load().map_err(program_error("sample"))?;
         }
         let config = Config {
-            flags: if opts.all { CFG_ALL } else { 0 } | if opts.follow { CFG_FOLLOW } else { 0 },
+            flags: if opts.all { CFG_ALL } else { 0 }
+                | if opts.follow { CFG_FOLLOW } else { 0 }
+                | if opts.cgroup.is_some() { CFG_CGROUP } else { 0 },
             stack_size: opts.stack_size.min(STACK_MAX as u32),
             signal_mask: opts.signal_mask,
             on_signal_mask: opts.on_signal_mask,
             max_threads: opts.max_threads,
             view_ns_inum: view_ns_inum(),
+            cgroup_id: opts.cgroup.map_or(0, |c| c.0),
+            cgroup_level: opts.cgroup.map_or(0, |c| c.1),
+            _pad: 0,
             offsets: offsets()?,
         };
         let mut cfg: Array<_, Config> =
@@ -312,6 +321,12 @@ impl Capture {
         let mut watched: HashMap<_, u32, u8> =
             HashMap::try_from(map(&mut self.ebpf, "WATCHED")?).map_err(map_error("WATCHED"))?;
         watched.insert(tgid, 1, 0).map_err(map_error("WATCHED"))
+    }
+
+    /// The ring buffer's descriptor, readable when records wait: for a
+    /// caller that polls it together with descriptors of its own.
+    pub fn ring_fd(&self) -> std::os::fd::RawFd {
+        self.events.as_raw_fd()
     }
 
     /// Waits up to `timeout` for records, then hands each one to `f`.

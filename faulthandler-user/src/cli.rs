@@ -131,6 +131,10 @@ pub enum Cmd {
         /// Host pid of the process.
         pid: i64,
     },
+    /// Run as a node agent: watch every process (or a cgroup subtree) and
+    /// ship crash reports to stdout, a file and/or an OTLP collector, with
+    /// metrics, health and a dump socket (see deploy/ and the README).
+    Agent(Box<crate::agent::AgentArgs>),
 }
 
 /// A clap error message as one line: its first paragraph, lines joined,

@@ -5,6 +5,7 @@
 //! → sink. `watch` is the event loop that owns the capture; `run` holds
 //! the modes on top.
 
+pub(crate) mod agent;
 pub(crate) mod assemble;
 pub(crate) mod btf;
 pub(crate) mod capture;

@@ -40,6 +40,8 @@ pub enum RunError {
     Cli(#[from] crate::cli::CliError),
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
     #[error("no such process: {0}; check the pid with `ps -p {0}`")]
     NoSuchPid(i64),
     #[error("pid {0} is a kernel thread, which has no user stack to report; pick a user process")]
@@ -65,7 +67,7 @@ pub enum RunError {
 /// Root, or in CapEff CAP_SYS_ADMIN (21), or all of CAP_PERFMON (38) and
 /// CAP_BPF (39) for the probes and CAP_CHECKPOINT_RESTORE (40) for
 /// /proc/PID/map_files.
-fn privileged() -> bool {
+pub(crate) fn privileged() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;
@@ -115,8 +117,10 @@ extern "C" fn on_stop(_: libc::c_int) {
 /// Runs rfh-trace; returns the process exit status.
 pub fn run(cli: Cli) -> Result<i32, RunError> {
     crate::cli::check(&cli)?;
-    if let Some(Cmd::Dump { pid }) = cli.cmd {
-        return dump(&cli, pid);
+    match &cli.cmd {
+        Some(Cmd::Dump { pid }) => return dump(&cli, *pid),
+        Some(Cmd::Agent(args)) => return Ok(crate::agent::run((**args).clone())?),
+        None => {}
     }
     let has_command = !cli.command.is_empty();
     if has_command && (cli.all || !cli.pids.is_empty()) {
@@ -189,7 +193,7 @@ struct Masks {
 /// Raises the open-file limit to its hard maximum: the tracker holds one
 /// descriptor per mapped file it may need later, and under `--all` that is
 /// many; running out would cost symbols silently.
-fn raise_nofile() {
+pub(crate) fn raise_nofile() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -247,6 +251,7 @@ fn watcher(
         max_threads: cli.max_threads,
         watch,
         dumps,
+        cgroup: None,
     };
     let loading = std::thread::spawn(move || {
         Capture::start(&opts, || {
@@ -294,6 +299,17 @@ fn watcher(
 /// py-spy's do, so it can be piped to a pager.
 fn dump(cli: &Cli, pid: i64) -> Result<i32, RunError> {
     let pid = check_pid(pid)?;
+    // A running agent has everything loaded and warm: ask it first.
+    let json = cli.format == Format::Json;
+    if let Some(report) = crate::agent::ask_dump(&crate::agent::client_path(), pid, json)? {
+        let mut out = match &cli.output {
+            Some(path) => Out::File(output::open(path)?),
+            None => Out::Stdout,
+        };
+        // A closed stdout (`| head`) is not an error worth a status.
+        let _ = out.write_record(&report);
+        return Ok(0);
+    }
     let masks = Masks {
         signals: 0,
         on_signal: 0,

@@ -378,6 +378,10 @@ impl Watcher {
         let info = self.tracker.get(pid);
         let first = current.as_deref().or(others.first().map(|b| &**b));
         let ns_pid = first.map_or(0, |f| f.event.ns_pid);
+        // Gone before /proc could be read: its cgroup still has an id.
+        let cgroup = info
+            .and_then(|i| i.cgroup.clone())
+            .or_else(|| first.and_then(|f| crate::procs::cgroup_path_by_id(f.event.cgroup_id)));
         let process = Process {
             pid,
             ns_pid: (ns_pid != 0 && ns_pid != pid)
@@ -397,10 +401,8 @@ impl Watcher {
                 .or_else(|| self.tracker.exec_path(pid)),
             cmdline: info.and_then(|i| i.cmdline.clone()),
             uid: info.and_then(|i| i.uid),
-            container_id: info
-                .and_then(|i| i.cgroup.as_deref())
-                .and_then(container_id),
-            cgroup: info.and_then(|i| i.cgroup.clone()),
+            container_id: cgroup.as_deref().and_then(container_id),
+            cgroup,
             k8s: None,
         };
         let python = info

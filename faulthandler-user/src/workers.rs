@@ -77,6 +77,9 @@ pub enum Job {
     /// Files the tracker closed: what is cached for them goes.
     ForgetFiles(Vec<PathBuf>),
     Loss(LossRecord),
+    /// A report for one requester (a dump asked of the agent over its
+    /// socket), handed back instead of written to the sinks.
+    Reply(Box<ReportJob>, std::sync::mpsc::Sender<Report>),
 }
 
 /// Counts shared with the loop, for loss records and the exit summary.
@@ -97,7 +100,7 @@ impl Job {
             RECORD + t.cap.stack.len() + t.cap.python.as_ref().map_or(0, |p| p.regions.len())
         };
         match self {
-            Job::Report(r) => r.threads.iter().map(thread).sum(),
+            Job::Report(r) | Job::Reply(r, _) => r.threads.iter().map(thread).sum(),
             Job::Sample(t) => thread(t),
             Job::Forget(_) | Job::ForgetFiles(_) | Job::Loss(_) => 0,
         }
@@ -254,6 +257,9 @@ impl Worker {
                     unsafe { libc::malloc_trim(0) };
                 }
                 Job::Loss(l) => self.write(|s| s.loss(&l)),
+                Job::Reply(j, tx) => {
+                    let _ = tx.send(self.report(*j));
+                }
             }
         }
     }
@@ -304,6 +310,8 @@ impl Worker {
             profile: None,
             lost_events: j.lost_events,
             python_error,
+            signature: None,
+            suppressed: None,
         };
         if report.kind == Kind::Timeout {
             self.attach_profile(pid, &mut report);

@@ -1,5 +1,6 @@
-//! Developer tasks for rfh-trace: `cargo xtask <setup|build|run|test|bench|examples>`.
+//! Developer tasks for rfh-trace: `cargo xtask <setup|build|run|test|bench|examples|dist>`.
 
+mod dist;
 mod examples;
 mod setup;
 mod util;
@@ -47,7 +48,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run setup (with test tools), build release and run the `crash`, `dump`, `cost` and `python` benchmarks.
+    /// Run setup (with test tools), build release and run the `crash`, `dump`, `cost`, `python` and
+    /// `agent` benchmarks.
     Bench {
         /// Extra arguments passed to each benchmark (after `cargo bench ... --`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -57,6 +59,10 @@ enum Task {
     /// report examples to docs/examples/ (rfh-trace runs through `sudo -E`
     /// when not root).
     Examples,
+    /// Build release and package the agent in target/dist/: a .deb (binary,
+    /// hardened systemd unit, default config) and a container image root
+    /// (imported into podman as localhost/rfh-trace:VERSION when present).
+    Dist,
 }
 
 #[derive(Args)]
@@ -97,6 +103,17 @@ fn dispatch(task: Task) -> Result<i32> {
         Task::Test { args } => test(args)?,
         Task::Bench { args } => bench(args)?,
         Task::Examples => examples::examples()?,
+        Task::Dist => {
+            setup::setup(false)?;
+            let bin = build(true)?;
+            let deb = dist::deb(&bin)?;
+            println!("{}", deb.display());
+            let (tar, image) = dist::image(&bin)?;
+            println!("{}", tar.display());
+            if let Some(image) = image {
+                println!("{image}");
+            }
+        }
     }
     Ok(0)
 }
@@ -181,7 +198,7 @@ fn test(extra: Vec<String>) -> Result<()> {
 }
 
 /// The benchmarks `bench` runs, in this order, one `cargo bench` each.
-const BENCHES: [&str; 4] = ["crash", "dump", "cost", "python"];
+const BENCHES: [&str; 5] = ["crash", "dump", "cost", "python", "agent"];
 
 fn bench(extra: Vec<String>) -> Result<()> {
     setup::setup(true)?;

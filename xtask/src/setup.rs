@@ -18,6 +18,14 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("gdb", "gdb"),
     ("eu-stack", "elfutils"),
     ("bpftool", "bpftool"),
+    // The agent's tests: Prometheus scrapes it; setpriv runs it with
+    // capabilities only; ip builds the simulated cluster's namespaces.
+    ("prometheus", "prometheus"),
+    ("setpriv", "util-linux"),
+    ("ip", "iproute2"),
+    // A real container for the agent's identity test.
+    ("podman", "podman"),
+    ("runc", "runc"),
 ];
 
 /// glibc's separate debug info (Debian package): the integration tests
@@ -94,6 +102,7 @@ pub fn setup(with_test_tools: bool) -> Result<()> {
         test_tools(&mut apt)?;
         python_root(&mut apt)?;
         python_tools()?;
+        otlp_collector()?;
     }
     eprintln!("setup: done");
     Ok(())
@@ -352,7 +361,40 @@ fn python_root(apt: &mut Apt) -> Result<()> {
 const PY_TOOLS_VENV: &str = "/var/cache/rfh-trace/pytools";
 
 /// (program, PyPI package) the tests and benchmarks compare against.
-const PIP_TOOLS: &[(&str, &str)] = &[("py-spy", "py-spy"), ("pystack", "pystack")];
+const PIP_TOOLS: &[(&str, &str)] = &[
+    ("py-spy", "py-spy"),
+    ("pystack", "pystack"),
+    // The agent's tests validate the Kubernetes manifests offline.
+    ("kubernetes-validate", "kubernetes-validate"),
+];
+
+/// The rotel OTLP collector (PyPI `rotel`) for the agent's tests, in
+/// `PY_TOOLS_VENV`: it ships its collector binary inside the package, not
+/// on PATH, so its presence is an import of the package.
+fn otlp_collector() -> Result<()> {
+    let python = Path::new(PY_TOOLS_VENV).join("bin/python3");
+    let has = |p: &Path| {
+        cmd(&p.to_string_lossy())
+            .args(["-c", "import rotel"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if has(&python) {
+        eprintln!("setup: rotel ... ok (in {PY_TOOLS_VENV})");
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("the rotel collector is missing; run as root `cargo xtask setup --with-test-tools`");
+    }
+    let mut pip = cmd(&Path::new(PY_TOOLS_VENV).join("bin/pip").to_string_lossy());
+    pip.args(["install", "--disable-pip-version-check", "rotel"]);
+    eprintln!("setup: installing rotel: {}", display(&pip));
+    run(&mut pip)?;
+    if !has(&python) {
+        bail!("rotel is still missing after installing it");
+    }
+    Ok(())
+}
 
 /// Installs py-spy and pystack into `PY_TOOLS_VENV`, linked into
 /// /usr/local/bin, when missing from `PATH`.

@@ -212,13 +212,23 @@ pub(super) fn find_by_identity<'a>(
     ] {
         candidates.push(Path::new(dir).join(name));
     }
-    candidates.into_iter().find(|p| {
+    let same = |p: &PathBuf| {
         fs::metadata(p).is_ok_and(|md| {
             let d = md.dev();
             let kdev = mkdev(libc::major(d) as u64, libc::minor(d) as u64);
             md.ino() == ino && kdev == dev
         })
-    })
+    };
+    if let Some(found) = candidates.iter().find(|p| same(p)) {
+        return Some(found.clone());
+    }
+    // rfh-trace in a container that shares the host's pids (the agent's
+    // DaemonSet, `podman run --pid=host`): the host's files are under
+    // pid 1's root.
+    candidates
+        .iter()
+        .filter_map(|p| Some(Path::new("/proc/1/root").join(p.strip_prefix("/").ok()?)))
+        .find(same)
 }
 
 /// GNU build-id from the ELF's PT_NOTE segments, reading only the header,

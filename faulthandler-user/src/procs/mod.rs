@@ -20,7 +20,7 @@ use std::{
 
 use faulthandler_common::Vma;
 
-pub use self::container::container_id;
+pub use self::container::{cgroup_path_by_id, cgroup2_root, container_id};
 #[cfg(test)]
 pub(crate) use self::files::build_id;
 pub(crate) use self::files::{FileStamp, file_stamp, parse_maps_line};
@@ -262,6 +262,11 @@ impl Tracker {
                 self.procs.insert(child, info);
             }
             None => self.mark_stale(child),
+        }
+        // A child that crashes before anything of it is read still ran
+        // its parent's program.
+        if let Some(path) = self.exec_paths.get(&parent).cloned() {
+            self.exec_paths.entry(child).or_insert(path);
         }
     }
 

@@ -116,6 +116,14 @@ pub struct Report {
     /// (an unsupported version, a free-threaded build).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub python_error: Option<String>,
+    /// Agent: the crash's fingerprint, the same on every host for the
+    /// same bug (agent/signature.rs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// Agent: crashes of this signature counted, not reported, since its
+    /// previous report (crash storms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
 }
 
 /// `kind: "loss"`: what was dropped since the previous loss record, by

@@ -295,6 +295,8 @@ mod tests {
             profile: None,
             lost_events: 0,
             python_error: None,
+            signature: None,
+            suppressed: None,
         }
     }
 
