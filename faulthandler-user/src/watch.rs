@@ -66,6 +66,9 @@ pub struct Watcher {
     pending_py: HashMap<u32, Box<PyStackCapture>>,
 }
 
+/// The longest the loop sleeps with records that did not wake it.
+const BOOKKEEPING_EVERY: Duration = Duration::from_millis(20);
+
 /// How often cached files are checked for having been deleted.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
@@ -154,14 +157,23 @@ impl Watcher {
         ktime_ns as i128 + self.wall_offset_ns
     }
 
+    /// How long the loop may sleep waiting for the ring, at most `max`.
+    /// Under --all, exec and mmap records wake nobody (they would cost
+    /// every exec on the host a wake-up): they are read at least this
+    /// often, so a process that lives a few tens of milliseconds is still
+    /// read from /proc while it runs. A process just exec'd is read once
+    /// it has settled (poll counts whole milliseconds: round up, not to a
+    /// busy 0).
+    pub fn sleep_for(&self, max: Duration) -> Duration {
+        let timeout = max.min(BOOKKEEPING_EVERY);
+        self.tracker
+            .next_refresh_in()
+            .map_or(timeout, |d| d.max(Duration::from_millis(1)).min(timeout))
+    }
+
     /// Waits up to `timeout` for events and handles them.
     pub fn poll(&mut self, timeout: Duration) -> Result<(), CaptureError> {
-        // A process just exec'd is read from /proc once it has settled
-        // (poll counts whole milliseconds: round up, not to a busy 0).
-        let timeout = self
-            .tracker
-            .next_refresh_in()
-            .map_or(timeout, |d| d.max(Duration::from_millis(1)).min(timeout));
+        let timeout = self.sleep_for(timeout);
         // Decoded as they are drained: one copy of each record.
         let mut events = Vec::new();
         self.capture.poll(timeout, |r| events.push(decode(r)))?;

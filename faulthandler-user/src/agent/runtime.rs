@@ -141,7 +141,7 @@ impl CaptureTask {
             .checked_sub(Duration::from_secs(2))
             .unwrap_or_else(Instant::now);
         loop {
-            wait(ring, wake, TURN);
+            wait(ring, wake, w.sleep_for(TURN));
             self.ctl.drain_wake();
             if let Err(e) = w.poll(Duration::ZERO) {
                 crate::diag!("capture: {e}");
