@@ -95,19 +95,16 @@ pub const fn default_is_harmless(sig: u32) -> bool {
     sig < 64 && HARMLESS_DEFAULT & (1u64 << sig) != 0
 }
 
-/// A delivery to a handler, remembered per thread (map `HANDLED`) in
-/// case the handler re-raises.
+/// The last hardware exception the kernel turned into a signal for a
+/// thread (`task->thread.{trap_nr, error_code, cr2}`, set by
+/// `set_signal_archinfo`): what a handler that re-raises was called for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Handled {
-    pub ktime_ns: u64,
-    pub addr: u64,
-    pub sig: i32,
-    pub code: i32,
+pub struct ThreadTrap {
+    pub trap_nr: u64,
+    pub error_code: u64,
+    pub cr2: u64,
 }
-
-/// Threads remembered in `HANDLED` (least recently used go first).
-pub const HANDLED_MAX: u32 = 4096;
 
 /// `SignalEvent::flags` bits.
 pub const SIG_F_HAS_INFO: u32 = 1 << 0;
@@ -122,8 +119,8 @@ pub const SIG_F_SAMPLE: u32 = 1 << 4;
 /// The dumped thread was on a CPU (TASK_RUNNING): its saved registers
 /// are stale, so a sample must stand in for them.
 pub const SIG_F_RUNNING: u32 = 1 << 5;
-/// `SignalEvent::prior` is set.
-pub const SIG_F_PRIOR: u32 = 1 << 6;
+/// `SignalEvent::trap` is set.
+pub const SIG_F_TRAP: u32 = 1 << 6;
 /// The process is a known CPython and its thread's `EVENT_PYSTACK` record
 /// went into the ring just before this one.
 pub const SIG_F_PYTHON: u32 = 1 << 7;
@@ -183,11 +180,12 @@ pub struct SignalEvent {
     /// (`bpf_get_current_cgroup_id`), 0 when unknown. A process that dies
     /// before /proc is read still has its container known by it.
     pub cgroup_id: u64,
-    /// With `SIG_F_PRIOR`: the last signal of the same number this thread
-    /// took while it had a handler installed (a handler that re-raises
-    /// after returning dies of a signal whose own siginfo says only
-    /// SI_TKILL; the fault it handled is this one).
-    pub prior: Handled,
+    /// With `SIG_F_TRAP` (a signal the process sent itself): the thread's
+    /// last fault. A handler that re-raises after returning dies of a
+    /// signal whose own siginfo says only SI_TKILL; the fault it handled
+    /// is this one. Read at the fatal delivery, so handled faults cost
+    /// nothing at all.
+    pub trap: ThreadTrap,
     /// The user `pt_regs` of the thread, as the kernel lays them out.
     pub regs: [u64; PT_REGS_LEN],
     pub comm: [u8; COMM_LEN],
@@ -377,7 +375,10 @@ pub struct KernelOffsets {
     pub pidns_inum: u32,
     /// `task_struct::thread.fsbase` (x86_64).
     pub task_fsbase: u32,
-    pub _pad: u32,
+    /// `task_struct::thread.{cr2, trap_nr, error_code}` (x86_64).
+    pub thread_cr2: u32,
+    pub thread_trap_nr: u32,
+    pub thread_error_code: u32,
 }
 
 #[repr(C)]
@@ -451,7 +452,7 @@ macro_rules! assert_size {
 }
 assert_size!(EventHeader, 8);
 assert_size!(Vma, 40 + VMA_NAME_LEN);
-assert_size!(Handled, 24);
+assert_size!(ThreadTrap, 24);
 assert_size!(
     SignalEvent,
     8 + 8
@@ -472,13 +473,13 @@ assert_size!(
 );
 assert_size!(SignalRecord, size_of::<SignalEvent>() + STACK_BUF);
 assert_size!(ProcEvent, 40);
-assert_size!(KernelOffsets, 30 * 4);
+assert_size!(KernelOffsets, 32 * 4);
 assert_size!(Dying, 48);
 assert_size!(ExitEvent, 32 + 48);
 assert_size!(DumpCtl, 24);
 assert_size!(VmaEvent, 24 + VMA_MAX * (40 + VMA_NAME_LEN));
 assert_size!(ExecEvent, 24 + EXEC_PATH_LEN);
-assert_size!(Config, 48 + 30 * 4);
+assert_size!(Config, 48 + 32 * 4);
 assert_size!(PyProc, 16 + 26 * 4);
 assert_size!(PyStackEvent, 64);
 assert_size!(PyRegion, 16);
@@ -496,8 +497,6 @@ mod pod {
     unsafe impl aya::Pod for super::Dying {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::DumpCtl {}
-    // SAFETY: see above.
-    unsafe impl aya::Pod for super::Handled {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::PyProc {}
 }

@@ -25,7 +25,7 @@ use aya_ebpf::{
         },
     },
     macros::{map, raw_tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::RawTracePointContext,
 };
 use aya_log_ebpf::{debug, warn};
@@ -49,11 +49,6 @@ static DYING: HashMap<u32, Dying> = HashMap::with_max_entries(DYING_MAX, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
-
-/// tid → the last delivery of a reported signal to a handler (see
-/// `SignalEvent::prior`): one map update per handled fault, no record.
-#[map]
-static HANDLED: LruHashMap<u32, Handled> = LruHashMap::with_max_entries(HANDLED_MAX, 0);
 
 /// Drops by cause (`CNT_*`); userspace sums and reports them.
 #[map]
@@ -261,11 +256,21 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
     if !group_exit && (cfg.signal_mask | cfg.on_signal_mask) & bit == 0 {
         return None;
     }
+    // SAFETY: probe reads; `ka` is the k_sigaction in force.
+    let handler = unsafe { read_at::<u64>(ka, 0) }.unwrap_or(0);
+    let survived = !group_exit && (handler != SIG_DFL || default_is_harmless(sig));
+    // The process's own handler runs, or the signal is harmless: not a
+    // crash, and, unless `--on-signal` asks for it, it costs the process
+    // nothing more than this (no lookup, no copy, no record). A handler
+    // that re-raises from inside leaves its signal frame and the original
+    // frames in the fatal delivery's stack copy; one that returns first
+    // leaves the fault's details in the thread's trap fields, read then.
+    if survived && cfg.on_signal_mask & bit == 0 {
+        return None;
+    }
     let (tgid, tid) = current_ids(cfg)?;
     // SAFETY: the current task is valid for the whole program run.
     let task = unsafe { bpf_get_current_task_btf() } as *const u8;
-    // SAFETY: probe reads; `ka` is the k_sigaction in force.
-    let handler = unsafe { read_at::<u64>(ka, 0) }.unwrap_or(0);
     // SAFETY: probe read of the siginfo the kernel is delivering.
     let code = unsafe { read_at::<i32>(info, SI_CODE_OFF as u32) }.unwrap_or(0);
     let dying = if group_exit {
@@ -283,39 +288,7 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
         if !watched_current(cfg, tgid) {
             return None;
         }
-        if handler != SIG_DFL || default_is_harmless(sig) {
-            // The process's own handler runs, or the signal is harmless:
-            // not a crash, and it costs the process nothing but a map
-            // update here (no stack copy, no record). If the handler
-            // re-raises from inside, the fatal delivery's stack copy holds
-            // the handler's signal frame and the original frames; if it
-            // returns and the re-raised signal arrives then, the stack is
-            // the original one and only this remembered siginfo is gone.
-            // Only `--on-signal` wants a record of these deliveries.
-            if handler != SIG_IGN && cfg.signal_mask & bit != 0 {
-                let h = Handled {
-                    // SAFETY: a plain helper call.
-                    ktime_ns: unsafe { bpf_ktime_get_ns() },
-                    // SAFETY: a probe read of the siginfo being delivered.
-                    addr: unsafe { read_at::<u64>(info, SI_ADDR_OFF as u32) }.unwrap_or(0),
-                    sig: sig as i32,
-                    code,
-                };
-                // A runtime that takes faults on purpose takes them by
-                // the thousand: after the first, the thread's entry is
-                // overwritten in place, which costs far less than an
-                // update of the LRU map.
-                match HANDLED.get_ptr_mut(tid) {
-                    // SAFETY: `p` points into a live map value.
-                    Some(p) => unsafe { *p = h },
-                    None => {
-                        let _ = HANDLED.insert(tid, h, 0);
-                    }
-                }
-            }
-            if cfg.on_signal_mask & bit == 0 {
-                return None;
-            }
+        if survived {
             // An --on-signal delivery: recorded, but nobody is dying.
             None
         } else {
@@ -367,13 +340,16 @@ fn try_signal_deliver(ctx: &RawTracePointContext) -> Option<()> {
             }
         }
         fill_task(ev, task, &cfg.offsets);
-        if !group_exit
-            && code <= 0
-            && let Some(h) = HANDLED.get(tid)
-            && h.sig == sig as i32
-        {
-            (*ev).prior = *h;
-            (*ev).flags |= SIG_F_PRIOR;
+        if !group_exit && code <= 0 {
+            // Sent by a process (perhaps itself, re-raising): the thread's
+            // last fault, for userspace to tell a re-raise by.
+            let o = &cfg.offsets;
+            (*ev).trap = ThreadTrap {
+                trap_nr: read_at::<u64>(task, o.thread_trap_nr).unwrap_or(0),
+                error_code: read_at::<u64>(task, o.thread_error_code).unwrap_or(0),
+                cr2: read_at::<u64>(task, o.thread_cr2).unwrap_or(0),
+            };
+            (*ev).flags |= SIG_F_TRAP;
         }
         let n = bpf_get_stack(
             ctx.as_ptr(),
@@ -425,7 +401,7 @@ unsafe fn init_record(ev: *mut SignalEvent, tgid: u32, tid: u32, flags: u32) {
         (*ev).seq = 0;
         (*ev).fsbase = 0;
         (*ev).cgroup_id = 0;
-        (*ev).prior = Handled::default();
+        (*ev).trap = ThreadTrap::default();
         (*ev).fp_len = 0;
         (*ev).stack_len = 0;
         (*ev).stack_err = 0;

@@ -26,11 +26,15 @@ use std::{
 };
 
 use faulthandler_common::{
-    Dying, ExitEvent, REG_SP, SI_KERNEL, SIG_DFL, SIG_F_DUMP, SIG_F_GROUP_EXIT, SIG_F_PRIOR,
-    SIG_F_SAMPLE, SIG_IGN, SIGKILL, default_is_harmless,
+    Dying, ExitEvent, REG_IP, REG_SP, SI_KERNEL, SIG_DFL, SIG_F_DUMP, SIG_F_GROUP_EXIT,
+    SIG_F_SAMPLE, SIG_F_TRAP, SIG_IGN, SIGKILL, default_is_harmless,
 };
 
-use crate::{decode::SignalCapture, signals};
+use crate::{
+    decode::SignalCapture,
+    signals,
+    unwind::{Trap, sigframe::from_trap},
+};
 
 /// How long a dying process may go without progress (another thread
 /// captured, omitted or lost, as the kernel counts them) before its report
@@ -55,9 +59,6 @@ pub struct Cause {
     pub prior: Option<SigFrameInfo>,
 }
 
-/// A handled delivery older than this is not the one a re-raise repeats.
-const PRIOR_MAX_AGE_NS: u64 = 5_000_000_000;
-
 impl Cause {
     /// The cause of a delivery, from the kernel's record of it.
     pub fn of(cap: &SignalCapture) -> Self {
@@ -72,12 +73,20 @@ impl Cause {
             handled: ev.handler > SIG_IGN,
             oom: false,
             stack_overflow: stack_overflow(ev.sig, ev.addr, ev.regs[REG_SP]),
-            prior: (ev.flags & SIG_F_PRIOR != 0
-                && ev.ktime_ns.saturating_sub(ev.prior.ktime_ns) <= PRIOR_MAX_AGE_NS)
-                .then_some(SigFrameInfo {
-                    sig: ev.prior.sig,
-                    code: ev.prior.code,
-                    addr: ev.prior.addr,
+            prior: (ev.flags & SIG_F_TRAP != 0)
+                .then(|| {
+                    let trap = Trap {
+                        trapno: ev.trap.trap_nr,
+                        error_code: ev.trap.error_code,
+                        cr2: ev.trap.cr2,
+                    };
+                    from_trap(ev.sig, ev.regs[REG_IP], trap)
+                })
+                .flatten()
+                .map(|f| SigFrameInfo {
+                    sig: f.signo,
+                    code: f.code,
+                    addr: f.addr,
                 }),
         }
     }

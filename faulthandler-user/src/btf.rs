@@ -395,7 +395,9 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         upid_ns: m("upid", "ns")?,
         pidns_inum: m("pid_namespace", "ns.inum")?,
         task_fsbase: m("task_struct", "thread.fsbase")?,
-        _pad: 0,
+        thread_cr2: m("task_struct", "thread.cr2")?,
+        thread_trap_nr: m("task_struct", "thread.trap_nr")?,
+        thread_error_code: m("task_struct", "thread.error_code")?,
     })
 }
 

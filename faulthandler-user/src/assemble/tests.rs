@@ -238,20 +238,23 @@ fn reraise_reports_the_original_fault() {
     assert_eq!(r, Cause::of(&fault(101)));
     // No signal frame: unchanged.
     assert_eq!(resolve_cause(&cause, PID, None), cause);
-    // The handler returned and the re-raise arrived after: the kernel
-    // remembered the handled fault.
-    let mut late = cap(101, libc::SIGSEGV, -6, SIG_DFL, SIG_F_PRIOR);
+    // The handler returned and the re-raise arrived after: the thread's
+    // last fault (a page fault, not present, at 0x40) says what it was.
+    let mut late = cap(101, libc::SIGSEGV, -6, SIG_DFL, SIG_F_TRAP);
     late.event.sender_pid = PID as i32;
-    late.event.prior = faulthandler_common::Handled {
-        ktime_ns: late.event.ktime_ns - 1000,
-        addr: 0x40,
-        sig: libc::SIGSEGV,
-        code: 1,
+    late.event.trap = faulthandler_common::ThreadTrap {
+        trap_nr: 14,
+        error_code: 6,
+        cr2: 0x40,
     };
     let r = resolve_cause(&Cause::of(&late), PID, None);
     assert_eq!((r.code, r.addr, r.handled), (1, Some(0x40), true));
-    // A handled fault long ago is not what a later raise repeats.
-    late.event.ktime_ns += 60_000_000_000;
+    // A protection fault reads as SEGV_ACCERR.
+    late.event.trap.error_code = 7;
+    let r = resolve_cause(&Cause::of(&late), PID, None);
+    assert_eq!((r.code, r.handled), (2, true));
+    // The last exception was not a page fault: nothing to say.
+    late.event.trap.trap_nr = 3;
     let r = resolve_cause(&Cause::of(&late), PID, None);
     assert!(!r.handled);
 }

@@ -10,7 +10,7 @@
 mod cache;
 mod cfi;
 mod elf;
-mod sigframe;
+pub(crate) mod sigframe;
 #[cfg(test)]
 mod tests;
 mod walk;

@@ -126,7 +126,7 @@ fn corroborated(info: &SigInfo, ip: u64, trap: Trap) -> bool {
 /// opcodes, whose vectors are never the zero a thread starts with. A page
 /// fault on an absent page is taken as SEGV_MAPERR, though the kernel says
 /// SEGV_ACCERR when a mapping exists but forbids the access.
-pub(super) fn from_trap(signo: i32, ip: u64, trap: Trap) -> Option<SigInfo> {
+pub(crate) fn from_trap(signo: i32, ip: u64, trap: Trap) -> Option<SigInfo> {
     let info = |code, addr| Some(SigInfo { signo, code, addr });
     match (signo, trap.trapno) {
         (SIGSEGV, TRAP_PF) if trap.error_code & PF_PK != 0 => info(SEGV_PKUERR, trap.cr2),
