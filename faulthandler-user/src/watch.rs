@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use faulthandler_common::{SIG_F_DUMP, SIG_F_PYTHON, SIG_F_SAMPLE};
+use faulthandler_common::{
+    SIG_DFL, SIG_F_DUMP, SIG_F_GROUP_EXIT, SIG_F_PYTHON, SIG_F_SAMPLE, default_is_harmless,
+};
 
 use crate::{
     assemble::{Assembler, Cause, Crash, Input, Killed, Output, STALL},
@@ -284,6 +286,17 @@ impl Watcher {
                     },
                     None => s,
                 };
+                // A process that dies before it was ever read (it crashed
+                // within milliseconds of exec) is still exiting now: its
+                // mappings, and handles on its files, can be had from /proc
+                // for a moment longer. Its binary may be deleted next.
+                let ev = &s.event;
+                let fatal = ev.flags & (SIG_F_GROUP_EXIT | SIG_F_DUMP | SIG_F_SAMPLE) == 0
+                    && ev.handler == SIG_DFL
+                    && !default_is_harmless(ev.sig as u32);
+                if fatal && self.tracker.get(ev.pid).is_none() {
+                    let _ = self.tracker.refresh(ev.pid);
+                }
                 if let Some(out) = self.assembler.on(Input::Signal(s), now) {
                     self.output(out);
                 }
