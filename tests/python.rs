@@ -325,24 +325,7 @@ fn abort_gil_released_generator_and_non_ascii_names() {
     });
 }
 
-const DUMP: &str = r#"import sys, threading, time
-ev = threading.Event()
-
-def rec(n):
-    if n == 1:
-        ev.wait()  # MARK:wait
-    else:
-        rec(n - 1)  # MARK:rec
-
-def waiter():
-    ev.wait()  # MARK:waiter
-
-threading.Thread(target=rec, args=(200,), daemon=True).start()
-threading.Thread(target=waiter, daemon=True).start()
-time.sleep(0.3)
-print("ready", flush=True)
-sys.stdin.read(1)  # MARK:main
-"#;
+const DUMP: &str = include_str!("programs/py_dump.py");
 
 /// Starts `s` with stdin and stdout piped and waits for its "ready".
 fn start_ready(i: &Interp, s: &Script) -> Child {
@@ -400,28 +383,7 @@ fn dump_shows_three_threads_and_all_200_frames_of_a_recursion() {
     });
 }
 
-const DEADLOCK: &str = r#"import threading, time
-a = threading.Lock()
-b = threading.Lock()
-
-def ab():
-    with a:
-        time.sleep(0.3)
-        with b:  # MARK:ab
-            pass
-
-def ba():
-    with b:
-        time.sleep(0.3)
-        with a:  # MARK:ba
-            pass
-
-t1 = threading.Thread(target=ab)
-t2 = threading.Thread(target=ba)
-t1.start()
-t2.start()
-t1.join()  # MARK:join
-"#;
+const DEADLOCK: &str = include_str!("programs/py_deadlock.py");
 
 #[test]
 fn timeout_shows_a_python_lock_deadlock() {
@@ -443,22 +405,7 @@ fn timeout_shows_a_python_lock_deadlock() {
     });
 }
 
-const ON_SIGNAL: &str = r#"import signal, sys, time
-got = []
-
-def handler(sig, frame):
-    got.append(sig)  # MARK:handler
-
-signal.signal(signal.SIGUSR1, handler)
-
-def wait():
-    print("ready", flush=True)
-    while not got:
-        time.sleep(0.01)  # MARK:sleep
-    sys.stdin.read(1)  # MARK:read
-
-wait()  # MARK:module
-"#;
+const ON_SIGNAL: &str = include_str!("programs/py_on_signal.py");
 
 #[test]
 fn on_signal_with_a_python_handler() {

@@ -18,17 +18,11 @@ use super::mem::ProcMem;
 use super::walk::{PyThread, walk};
 use crate::procs::Tracker;
 
-pub(crate) const DEFAULT_PYROOT: &str = "/var/cache/rfh-trace/pyroot-sid";
-
-/// One interpreter to test.
-pub(crate) struct Interp {
-    pub label: String,
-    pub minor: u32,
-    /// The program's path as the target sees it.
-    pub program: String,
-    /// Set for interpreters run inside a chroot.
-    pub root: Option<PathBuf>,
-}
+// The interpreters found here are the integration tests' too: one
+// definition, included in both.
+#[path = "../../../tests/common/python.rs"]
+mod interps;
+pub(crate) use interps::{Interp, interpreters};
 
 impl Interp {
     fn command(&self) -> Command {
@@ -84,81 +78,6 @@ pub(crate) fn remove_chroot_copies(interps: &[Interp], script: &str) {
     for root in interps.iter().filter_map(|i| i.root.as_ref()) {
         let _ = std::fs::remove_file(root.join(&copy));
     }
-}
-
-/// Every interpreter found, printing why each expected one is missing.
-pub(crate) fn interpreters() -> Vec<Interp> {
-    let mut found = Vec::new();
-    let pyenv = std::env::var_os("PYENV_ROOT")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pyenv")))
-        .map(|p| p.join("versions"));
-    let mut pyenv_minors = Vec::new();
-    if let Some(dir) = pyenv.as_ref().and_then(|d| std::fs::read_dir(d).ok()) {
-        let mut entries: Vec<_> = dir.filter_map(|e| e.ok()).collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(minor) = name
-                .strip_prefix("3.")
-                .and_then(|r| r.split('.').next())
-                .and_then(|m| m.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let program = e.path().join(format!("bin/python3.{minor}"));
-            if minor >= 8 && program.exists() && !pyenv_minors.contains(&minor) {
-                pyenv_minors.push(minor);
-                found.push(Interp {
-                    label: format!("pyenv {name}"),
-                    minor,
-                    program: program.to_string_lossy().into_owned(),
-                    root: None,
-                });
-            }
-        }
-    }
-    for minor in 8..=13 {
-        if !pyenv_minors.contains(&minor) {
-            println!("skip pyenv 3.{minor}: not installed under {pyenv:?}");
-        }
-    }
-    for minor in 8..=15 {
-        let program = format!("/usr/bin/python3.{minor}");
-        if Path::new(&program).exists() {
-            found.push(Interp {
-                label: format!("system python3.{minor}"),
-                minor,
-                program,
-                root: None,
-            });
-        }
-    }
-    let root = std::env::var_os("RFH_TRACE_PYROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PYROOT));
-    // SAFETY: geteuid has no preconditions.
-    let is_root = unsafe { libc::geteuid() } == 0;
-    for minor in 13..=15 {
-        let program = format!("/usr/bin/python3.{minor}");
-        let label = format!("debian sid python3.{minor} (chroot)");
-        if !root.join(program.trim_start_matches('/')).exists() {
-            println!(
-                "skip {label}: {} has no {program} (run `cargo xtask setup --with-test-tools`)",
-                root.display()
-            );
-        } else if !is_root {
-            println!("skip {label}: running it in its chroot needs root");
-        } else {
-            found.push(Interp {
-                label,
-                minor,
-                program,
-                root: Some(root.clone()),
-            });
-        }
-    }
-    found
 }
 
 /// The script every interpreter runs: three threads blocked at known
